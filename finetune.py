@@ -224,8 +224,10 @@ def local_data_files(name: str) -> list[Path] | None:
     return None
 
 
-def check_json_lines(path: Path) -> None:
-    """datasets' JSON errors name neither file nor line; this scan (constant memory) does."""
+def check_json_lines(path: Path, text_fields: tuple[str, ...] = ()) -> None:
+    """datasets' JSON errors name neither file nor line, and a column of mixed types gets JSON-parsed into objects;
+    this scan (constant memory) names the line of a broken row or of a text field that is not text."""
+    rows = 0
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
             try:
@@ -240,9 +242,16 @@ def check_json_lines(path: Path) -> None:
                 raise UserError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            for field in text_fields:
+                if field in row and not isinstance(row[field], str):
+                    raise UserError(f"{path}:{number}: {field!r} is {type(row[field]).__name__}, expected text")
+            rows += 1
+    if rows == 0:
+        raise UserError(f"dataset file {path} is empty: no rows")
 
 
-def read_rows(name: str, config_name: str | None = None, split: str = "train", token: bool | None = None):
+def read_rows(name: str, config_name: str | None = None, split: str = "train", token: bool | None = None,
+              text_fields: tuple[str, ...] = ()):
     """One datasets.Dataset of raw rows from a local path or the Hub."""
     import datasets
 
@@ -254,14 +263,18 @@ def read_rows(name: str, config_name: str | None = None, split: str = "train", t
         except Exception as e:  # offline, private, misspelled: all reach the user as one line
             raise UserError(f"dataset {name!r}: cannot load it from the Hub ({first_line(e)}); check the id, network and HF_TOKEN") from None
     for file in files:
+        if file.stat().st_size == 0:
+            raise UserError(f"dataset file {file} is empty: no rows")
         if file.suffix == ".jsonl":
-            check_json_lines(file)
-        elif file.stat().st_size == 0:
-            raise UserError(f"dataset file {file} is empty")
+            check_json_lines(file, text_fields)
     try:
-        return datasets.load_dataset(DATA_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
+        rows = datasets.load_dataset(DATA_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
     except Exception as e:
-        raise UserError(f"dataset {name}: cannot read it ({first_line(e)})") from None
+        message = first_line(e)
+        if "corresponds to no data" in message:
+            raise UserError(f"dataset {name} is empty: no rows") from None
+        raise UserError(f"dataset {name}: cannot read it ({message})") from None
+    return rows
 
 
 def first_line(err: BaseException) -> str:
@@ -282,17 +295,20 @@ def data_format(columns: list[str], cfg: Config, where: str) -> str:
         f"messages_field/dataset_text_field")
 
 
-def field_text(row: dict, field: str, index: int, where: str) -> str:
+def field_text(row: dict, field: str, number: int, where: str) -> str:
     value = row.get(field)
     if not isinstance(value, str):
-        raise UserError(f"dataset {where}: row {index + 1}: {field!r} is {type(value).__name__}, expected text")
+        raise UserError(f"dataset {where}: row {number}: {field!r} is {type(value).__name__}, expected text")
     return value
 
 
-def chat_spans(tokenizer, messages: list, index: int, where: str) -> tuple[str, list[tuple[int, int]]]:
+def chat_spans(tokenizer, messages: list, number: int, where: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of the assistant replies in it."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise UserError(f"dataset {where}: row {index + 1}: messages must be a list of {{role, content}} objects")
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        raise UserError(f"dataset {where}: row {number}: messages must be a list of {{role, content}} objects with text content")
+    if messages and messages[0]["role"] == "assistant":
+        raise UserError(f"dataset {where}: row {number}: the conversation starts with an assistant message; start it with a system or user message")
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"dataset {where}: chat messages need a tokenizer with a chat template; this model has none (use prompt/completion rows)")
     render = lambda msgs, gen=False: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
@@ -303,24 +319,24 @@ def chat_spans(tokenizer, messages: list, index: int, where: str) -> tuple[str, 
         start, end = len(render(messages[:i], gen=True)), len(render(messages[: i + 1]))
         spans.append((start, end))
     if not spans:
-        raise UserError(f"dataset {where}: row {index + 1}: no assistant message to learn from")
+        raise UserError(f"dataset {where}: row {number}: no assistant message to learn from")
     return full, spans
 
 
-def tokenize_row(row: dict, index: int, tokenizer, fmt: str, cfg: Config, where: str) -> dict:
+def tokenize_row(row: dict, number: int, tokenizer, fmt: str, cfg: Config, where: str) -> dict:
     """input_ids and the loss weight of each token: 1 for what the model should learn to write, prompt_loss_weight
     for the prompt. Prompt and completion are tokenized apart, as generation from the raw prompt will see them."""
     eos = [tokenizer.eos_token_id]
     plw = cfg.prompt_loss_weight
     if fmt == "text":
-        ids = tokenizer(field_text(row, cfg.dataset_text_field, index, where))["input_ids"] + eos
+        ids = tokenizer(field_text(row, cfg.dataset_text_field, number, where))["input_ids"] + eos
         weights = [1.0] * len(ids)
     elif fmt == "prompt_completion":
-        prompt = tokenizer(field_text(row, cfg.prompt_field, index, where))["input_ids"]
-        completion = tokenizer(field_text(row, cfg.completion_field, index, where), add_special_tokens=False)["input_ids"] + eos
+        prompt = tokenizer(field_text(row, cfg.prompt_field, number, where))["input_ids"]
+        completion = tokenizer(field_text(row, cfg.completion_field, number, where), add_special_tokens=False)["input_ids"] + eos
         ids, weights = prompt + completion, [plw] * len(prompt) + [1.0] * len(completion)
     else:
-        text, spans = chat_spans(tokenizer, row.get(cfg.messages_field), index, where)
+        text, spans = chat_spans(tokenizer, row.get(cfg.messages_field), number, where)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         weights = [1.0 if any(s <= start < e for s, e in spans) else plw for start, _ in enc["offset_mapping"]]
@@ -330,8 +346,8 @@ def tokenize_row(row: dict, index: int, tokenizer, fmt: str, cfg: Config, where:
 def tokenize_dataset(rows, tokenizer, cfg: Config, where: str):
     """Tokenized rows, cut to seq_length (or dropped, per long_examples); returns (dataset, number of long rows)."""
     fmt = data_format(rows.column_names, cfg, where)
-    tokenized = rows.map(lambda row, i: tokenize_row(row, i, tokenizer, fmt, cfg, where), with_indices=True,
-                         remove_columns=rows.column_names)
+    tokenized = rows.map(lambda row, i: tokenize_row(row, row.get(ROW, i + 1), tokenizer, fmt, cfg, where),
+                         with_indices=True, remove_columns=rows.column_names)
     too_long = sum(n > cfg.seq_length for n in tokenized["length"])
     if too_long and cfg.long_examples == "drop":
         tokenized = tokenized.filter(lambda n: n <= cfg.seq_length, input_columns="length")
@@ -339,17 +355,29 @@ def tokenize_dataset(rows, tokenizer, cfg: Config, where: str):
         cut = cfg.seq_length
         tokenized = tokenized.map(lambda r: {"input_ids": r["input_ids"][:cut], "loss_weights": r["loss_weights"][:cut],
                                              "length": min(r["length"], cut)})
+    before = len(tokenized)
     tokenized = tokenized.filter(lambda w: max(w[1:], default=0) > 0, input_columns="loss_weights")
+    if len(tokenized) < before:
+        print(f"dataset {where}: {before - len(tokenized)} examples had no token to learn from within seq_length={cfg.seq_length} and were dropped")
     if len(tokenized) == 0:
         raise UserError(f"dataset {where}: no example left with a token to learn from (check seq_length, long_examples and the fields)")
     return tokenized, too_long
 
 
+ROW = "__row__"
+
+
+def text_fields(cfg: Config) -> tuple[str, ...]:
+    return cfg.prompt_field, cfg.completion_field, cfg.dataset_text_field
+
+
 def load_dataset_splits(cfg: Config):
     """(train rows, validation rows or None), raw and untokenized, split with the config's seed."""
-    rows = read_rows(cfg.dataset_name, cfg.dataset_config, cfg.dataset_split, token=cfg.use_auth_token or None)
+    rows = read_rows(cfg.dataset_name, cfg.dataset_config, cfg.dataset_split, token=cfg.use_auth_token or None,
+                     text_fields=text_fields(cfg))
     if len(rows) == 0:
-        raise UserError(f"dataset {cfg.dataset_name} has no rows")
+        raise UserError(f"dataset {cfg.dataset_name} is empty: no rows")
+    rows = rows.add_column(ROW, list(range(1, len(rows) + 1)))  # errors name the row in the file, not in the split
     data_format(rows.column_names, cfg, cfg.dataset_name)
     if cfg.validation_split == 0:
         return rows, None
@@ -363,7 +391,7 @@ def load_dataset_splits(cfg: Config):
 def load_test_rows(cfg: Config, val_rows):
     """Rows scored by generation: test_dataset if set, else the validation rows."""
     if cfg.test_dataset:
-        return read_rows(cfg.test_dataset)
+        return read_rows(cfg.test_dataset, text_fields=text_fields(cfg))
     return val_rows
 
 
@@ -376,9 +404,12 @@ def test_pairs(rows, tokenizer, cfg: Config) -> list[tuple[str, str]]:
         return [(r[cfg.prompt_field], r[cfg.completion_field]) for r in rows]
     if fmt == "messages":
         pairs = []
-        for r in rows:
+        for number, r in enumerate(rows, 1):
             msgs = r[cfg.messages_field]
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            replies = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+            if not replies:
+                raise UserError(f"test rows {cfg.test_dataset or cfg.dataset_name}: row {number} has no assistant message to score against")
+            last = replies[-1]
             prompt = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
             pairs.append((prompt, msgs[last]["content"]))
         return pairs
@@ -740,7 +771,7 @@ def make_training_args(cfg: Config, precision: str, device: str, gradient_checkp
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, optim=cfg.optim, max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed, data_seed=cfg.seed, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
-        gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs,
+        activation_checkpointing=gradient_checkpointing, activation_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs,
         eval_strategy=cfg.eval_strategy if has_eval else "no", eval_steps=cfg.eval_steps or cfg.logging_steps,
         logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy=cfg.save_strategy,
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
@@ -1029,11 +1060,10 @@ def summarize_logs(history: list[dict]) -> dict:
     return {"train_loss": round(train[-1], 4) if train else None, "eval_loss": round(evals[-1], 4) if evals else None}
 
 
-def run_training(cfg: Config) -> Path:
-    """The whole pipeline: data -> model -> (base score) -> train -> fine-tuned score -> save -> push."""
+def prepare_trainer(cfg: Config):
+    """Data, output folder and model, wired into a trainer: (trainer, tokenizer, test pairs, checkpoint to resume)."""
     from transformers import set_seed
 
-    started = time.time()
     device = pick_device()
     precision = resolve_precision(cfg, device)
     tokenizer = load_tokenizer(cfg)
@@ -1052,7 +1082,15 @@ def run_training(cfg: Config) -> Path:
     print(f"model {cfg.model_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; {device}, {precision}, "
           f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}; {len(train_set)} training examples")
     trainer = make_trainer(cfg, model, tokenizer, train_set, eval_set, precision, device, gradient_checkpointing)
-    summary: dict[str, Any] = {"precision": precision}
+    trainer.precision = precision
+    return trainer, tokenizer, pairs, checkpoint
+
+
+def run_training(cfg: Config) -> Path:
+    """The whole pipeline: prepare -> score the base -> train -> score the fine-tuned model -> save -> push."""
+    started = time.time()
+    trainer, tokenizer, pairs, checkpoint = prepare_trainer(cfg)
+    summary: dict[str, Any] = {"precision": trainer.precision}
     if cfg.eval_before and pairs and trainer.is_world_process_zero():
         summary["base"], _ = evaluate_generation(trainer.model, tokenizer, pairs, cfg)
         print("base model on the test rows:", summary["base"])
