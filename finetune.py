@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -109,6 +109,7 @@ class Config(BaseModel):
     push_to_hub: bool = Field(False, description="Upload the final model to the Hugging Face Hub (token from HF_TOKEN).")
     hub_model_id: str | None = Field(None, description="Hub repository to push to, as user/name.")
     hub_private_repo: bool = Field(True, description="Create the Hub repository as private.")
+    merge_adapter: bool = Field(False, description="After training, also write <output_dir>/merged: the adapter merged into a 16-bit copy of the base.")
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
@@ -789,20 +790,25 @@ def make_trainer(cfg: Config, model, tokenizer, train_set, eval_set, precision: 
     args = make_training_args(cfg, precision, device, gradient_checkpointing, eval_set is not None)
     metrics_file = Path(cfg.output_dir) / "metrics.jsonl"
 
-    class WriteMetrics(TrainerCallback):
-        """Every logged line also goes to output_dir/metrics.jsonl, so curves survive without wandb/tensorboard."""
+    class RunLog(TrainerCallback):
+        """Every logged line also goes to output_dir/metrics.jsonl, and each evaluation redraws output_dir/loss.png,
+        so a run can be followed (and read after a crash) without wandb or tensorboard."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
+        def on_evaluate(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                plot_curves(state.log_history, Path(cfg.output_dir) / "loss.png")
+
     FineTuner = make_trainer_class()
     unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
     return FineTuner(
         model=model, args=args, train_dataset=train_set.remove_columns("length"),
         eval_dataset=eval_set.remove_columns("length") if eval_set is not None else None, processing_class=tokenizer,
-        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, padding_free), callbacks=[WriteMetrics()],
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, padding_free), callbacks=[RunLog()],
         fused_head=fused_head_ok(unwrapped),
     )
 
@@ -880,6 +886,44 @@ def results_table(base: dict | None, tuned: dict) -> str:
     return "\n".join(rows)
 
 
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training and validation loss against step, learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, marker in (("loss", "training loss", None), ("eval_loss", "validation loss", "o")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker=marker, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper center")
+    rates = [(h["step"], h["learning_rate"]) for h in history if "learning_rate" in h]
+    if rates:
+        lr_axis = ax.twinx()
+        lr_axis.plot(*zip(*rates), color="gray", linestyle="--", linewidth=1)
+        lr_axis.set_ylabel("learning rate (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def overfitting_step(history: list[dict]) -> int | None:
+    """The step of the lowest validation loss, if validation loss has since risen while training loss kept falling."""
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if len(evals) < 3:
+        return None
+    best_step, best = min(evals, key=lambda e: e[1])
+    train_before = [h["loss"] for h in history if "loss" in h and h["step"] <= best_step]
+    train_after = [h["loss"] for h in history if "loss" in h and h["step"] > best_step]
+    if evals[-1][1] > best * 1.01 and train_before and train_after and min(train_after) < train_before[-1]:
+        return best_step
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Save and push: the final model folder appears whole (written aside, then renamed), then optionally goes to the Hub.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -926,9 +970,9 @@ def write_final(trainer, tokenizer, cfg: Config, summary: dict) -> Path:
     trainer.model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "config.yml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        shutil.copy(metrics, tmp / "metrics.jsonl")
+    for name in ("metrics.jsonl", "loss.png"):
+        if (out / name).exists():
+            shutil.copy(out / name, tmp / name)
     (tmp / "eval.json").write_text(json.dumps(summary, indent=2))
     (tmp / "README.md").write_text(model_card(cfg, summary))
     if final.exists():
@@ -956,6 +1000,131 @@ def push_folder(cfg: Config, folder: Path) -> str:
     except Exception as e:
         raise UserError(f"push_to_hub: upload to {cfg.hub_model_id} failed ({first_line(e)}); the model is saved in {folder}") from None
     return f"https://huggingface.co/{cfg.hub_model_id}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Use a finished run: score it, answer prompts (beside the base model), merge the adapter, push.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def saved_folder(cfg: Config, path: str | None = None) -> Path:
+    folder = Path(path) if path else Path(cfg.output_dir) / "final"
+    if not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+        raise UserError(f"no saved model in {folder}: train first, or pass --model PATH to a run's final folder")
+    return folder
+
+
+def load_finetuned(cfg: Config, folder: Path):
+    """(model, tokenizer) of a saved run: the configured base plus the adapter, or the saved full model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device()
+    precision = resolve_precision(cfg, device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_base_model(cfg, precision, device, attn=None), folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(precision))
+    if device == "cuda" and not (cfg.load_in_4bit or cfg.load_in_8bit):
+        model = model.to(device)
+    return model, tokenizer
+
+
+def score_base(cfg: Config, model, tokenizer, pairs) -> dict:
+    """The base model's scores: the adapter switched off, or (for a full fine-tune) the base loaded beside it."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            return evaluate_generation(model, tokenizer, pairs, cfg)[0]
+    base = load_base_model(cfg, resolve_precision(cfg, pick_device()), pick_device(), attn=None)
+    return evaluate_generation(base.to(pick_device()), tokenizer, pairs, cfg)[0]
+
+
+def eval_run(cfg: Config, folder: Path) -> dict:
+    """`eval`: the after-training evaluation again, on any saved run; updates the run's eval.json."""
+    model, tokenizer = load_finetuned(cfg, folder)
+    val_rows = load_dataset_splits(cfg)[1] if not cfg.test_dataset else None
+    pairs = test_pairs(load_test_rows(cfg, val_rows), tokenizer, cfg)
+    if not pairs:
+        raise UserError("nothing to score: set test_dataset to a prompt/completion or messages file, or validation_split > 0")
+    summary = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
+    if cfg.eval_before:
+        summary["base"] = score_base(cfg, model, tokenizer, pairs)
+    summary["fine_tuned"], samples = evaluate_generation(model, tokenizer, pairs, cfg)
+    summary["wrong"] = [s for s in samples if not s["exact"]]
+    (folder / "eval.json").write_text(json.dumps(summary, indent=2))
+    print(results_table(summary.get("base"), summary["fine_tuned"]))
+    return summary
+
+
+def model_prompt(text: str, tokenizer, folder: Path) -> str:
+    """A user's prompt as the model was trained to see it: through the chat template when it learned from chat
+    messages (or nothing else is known and the model has a template), raw when it learned from raw prompts."""
+    summary = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
+    chat = summary.get("data_format", "messages") == "messages" and getattr(tokenizer, "chat_template", None)
+    if not chat:
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+    found = list(prompts)
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts-file: file not found: {prompts_file}")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line) if line.lstrip().startswith("{") else line
+                found.append(row["prompt"] if isinstance(row, dict) and "prompt" in row else row)
+    if not found or not all(isinstance(p, str) for p in found):
+        raise UserError("generate needs prompts: --prompt TEXT (repeatable) or --prompts-file FILE (one per line, or jsonl with 'prompt')")
+    return found
+
+
+def generate_run(cfg: Config, folder: Path, prompts: list[str], compare: bool) -> list[dict]:
+    """`generate`: greedy answers of the fine-tuned model, and with --compare of the base model beside them."""
+    model, tokenizer = load_finetuned(cfg, folder)
+    texts = [model_prompt(p, tokenizer, folder) for p in prompts]
+    tuned = generate_answers(model, tokenizer, texts, cfg.eval_max_new_tokens)
+    base = [None] * len(texts)
+    if compare:
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                base = generate_answers(model, tokenizer, texts, cfg.eval_max_new_tokens)
+        else:
+            base_model = load_base_model(cfg, resolve_precision(cfg, pick_device()), pick_device(), attn=None)
+            base = generate_answers(base_model.to(pick_device()), tokenizer, texts, cfg.eval_max_new_tokens)
+    results = [{"prompt": p, "fine_tuned": t, "base": b} for p, t, b in zip(prompts, tuned, base)]
+    for r in results:
+        print(f"### prompt\n{r['prompt']}")
+        if compare:
+            print(f"--- base\n{r['base'].strip()}")
+        print(f"--- fine-tuned\n{r['fine_tuned'].strip()}\n")
+    return results
+
+
+def merge_run(cfg: Config, folder: Path) -> Path:
+    """`merge`: the adapter folded into the base weights, saved as a standalone safetensors model in
+    <output_dir>/merged. The base is reloaded in 16-bit (never merged into 4/8-bit weights, which would round the
+    update away)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    if not (folder / "adapter_config.json").exists():
+        raise UserError(f"{folder} holds a full model, not an adapter: it is already standalone")
+    device = pick_device()
+    precision = resolve_precision(cfg, device)
+    base = load_base_model(cfg, precision, device, attn=None, quantize=False)
+    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    out = Path(cfg.output_dir) / "merged"
+    tmp = out.with_name(".merged.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1060,8 +1229,17 @@ def summarize_logs(history: list[dict]) -> dict:
     return {"train_loss": round(train[-1], 4) if train else None, "eval_loss": round(evals[-1], 4) if evals else None}
 
 
-def prepare_trainer(cfg: Config):
-    """Data, output folder and model, wired into a trainer: (trainer, tokenizer, test pairs, checkpoint to resume)."""
+class Run(NamedTuple):
+    trainer: Any
+    tokenizer: Any
+    pairs: list[tuple[str, str]]
+    checkpoint: str | None
+    precision: str
+    data_format: str
+
+
+def prepare_trainer(cfg: Config) -> Run:
+    """Data, output folder and model, wired into a trainer, with what the rest of the run needs to know."""
     from transformers import set_seed
 
     device = pick_device()
@@ -1082,28 +1260,35 @@ def prepare_trainer(cfg: Config):
     print(f"model {cfg.model_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; {device}, {precision}, "
           f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}; {len(train_set)} training examples")
     trainer = make_trainer(cfg, model, tokenizer, train_set, eval_set, precision, device, gradient_checkpointing)
-    trainer.precision = precision
-    return trainer, tokenizer, pairs, checkpoint
+    return Run(trainer, tokenizer, pairs, checkpoint, precision, data_format(train_rows.column_names, cfg, cfg.dataset_name))
 
 
 def run_training(cfg: Config) -> Path:
     """The whole pipeline: prepare -> score the base -> train -> score the fine-tuned model -> save -> push."""
     started = time.time()
-    trainer, tokenizer, pairs, checkpoint = prepare_trainer(cfg)
-    summary: dict[str, Any] = {"precision": trainer.precision}
+    trainer, tokenizer, pairs, checkpoint, precision, fmt = prepare_trainer(cfg)
+    summary: dict[str, Any] = {"precision": precision, "data_format": fmt}
     if cfg.eval_before and pairs and trainer.is_world_process_zero():
         summary["base"], _ = evaluate_generation(trainer.model, tokenizer, pairs, cfg)
         print("base model on the test rows:", summary["base"])
     trainer.train(resume_from_checkpoint=checkpoint)
-    summary.update(summarize_logs(trainer.state.log_history), steps=trainer.state.global_step)
+    history = trainer.state.log_history
+    summary.update(summarize_logs(history), steps=trainer.state.global_step)
     if not trainer.is_world_process_zero():
         return Path(cfg.output_dir) / "final"
+    plot_curves(history, Path(cfg.output_dir) / "loss.png")
+    best = overfitting_step(history)
+    if best is not None:
+        print(f"warning: overfitting: validation loss has risen since step {best} (its lowest) while training loss fell; "
+              f"train fewer steps/epochs, use the checkpoint nearest step {best}, or add data")
     if pairs:
         summary["fine_tuned"], samples = evaluate_generation(trainer.model, tokenizer, pairs, cfg)
         summary["wrong"] = [s for s in samples if not s["exact"]]
         print(results_table(summary.get("base"), summary["fine_tuned"]))
     final = write_final(trainer, tokenizer, cfg, summary)
     print(f"saved to {final} in {time.time() - started:.0f}s")
+    if cfg.merge_adapter and cfg.use_peft:
+        print(f"merged model saved to {merge_run(cfg, final)}")
     if cfg.push_to_hub:
         print(f"pushed to {push_folder(cfg, final)}")
     return final
@@ -1133,7 +1318,12 @@ def maybe_reexec_with_fast_allocator() -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
-COMMANDS = {"train": "fine-tune as the config says (the default)", "validate": "check config, dataset and model source"}
+COMMANDS = {"train": "fine-tune as the config says (the default)",
+            "validate": "check config, dataset and model source; train nothing (same as --validate)",
+            "eval": "score a saved run on the test rows (base vs fine-tuned), update its eval.json",
+            "generate": "answer --prompt / --prompts-file with the saved run (--compare: base beside it)",
+            "merge": "merge the saved adapter into the base: a standalone model in <output_dir>/merged",
+            "push": "upload the saved run to the Hub (hub_model_id, HF_TOKEN)"}
 
 
 def parse_args(argv: list[str]):
@@ -1148,6 +1338,10 @@ def parse_args(argv: list[str]):
         epilog="overrides: any config key as key=value, e.g. batch_size=4 max_steps=50\n\n" + config_help())
     parser.add_argument("--config", default="config.yml", help="config file (default: ./config.yml)")
     parser.add_argument("--validate", action="store_true", help="check config, dataset and model source; train nothing")
+    parser.add_argument("--model", help="eval/generate/merge/push: the saved folder (default: <output_dir>/final)")
+    parser.add_argument("--prompt", action="append", default=[], help="generate: a prompt (repeatable)")
+    parser.add_argument("--prompts-file", help="generate: prompts, one per line or jsonl with a 'prompt' field")
+    parser.add_argument("--compare", action="store_true", help="generate: also answer with the base model")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     command = argv[0] if argv and argv[0] in COMMANDS else "train"
     args = parser.parse_intermixed_args(argv[1:] if argv and argv[0] in COMMANDS else argv)
@@ -1161,6 +1355,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.validate or args.command == "validate":
             validate_run(cfg)
+        elif args.command == "eval":
+            eval_run(cfg, saved_folder(cfg, args.model))
+        elif args.command == "generate":
+            generate_run(cfg, saved_folder(cfg, args.model), read_prompts(args.prompt, args.prompts_file), args.compare)
+        elif args.command == "merge":
+            print(f"merged model saved to {merge_run(cfg, saved_folder(cfg, args.model))}")
+        elif args.command == "push":
+            print(f"pushed to {push_folder(cfg, saved_folder(cfg, args.model))}")
         else:
             maybe_reexec_with_fast_allocator()
             run_training(cfg)

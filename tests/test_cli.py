@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import AutoTokenizer
 
 import finetune
 from conftest import ROOT, run_cli, write_jsonl
@@ -130,6 +129,8 @@ def test_user_error_is_one_line_naming_the_culprit(cli, tmp_path, tiny_config, c
 @pytest.fixture
 def token_lengths(tiny_model, pc_rows) -> list[int]:
     """Tokens per demo row as the model sees it: prompt + completion + one EOS, with the tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     return sorted(len(tokenizer(r["prompt"])["input_ids"])
                   + len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in pc_rows)

@@ -94,8 +94,8 @@ def seed_003_args(seed_003):
     ("save_steps", "save_steps"),
     ("save_total_limit", "save_total_limit"),
     ("output_dir", "output_dir"),
-    ("gradient_checkpointing", "gradient_checkpointing"),
-    ("gradient_checkpointing_kwargs", "gradient_checkpointing_kwargs"),
+    ("gradient_checkpointing", "activation_checkpointing"),  # transformers 5 name; gradient_* is its alias
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
 ])
 def test_training_arguments_carry_the_config_value(seed_003, seed_003_args, key, argument):
     cfg, _ = seed_003
@@ -132,7 +132,7 @@ def test_auto_gradient_checkpointing_stays_off_when_the_model_fits(make_cfg):
     ({"load_in_8bit": True}, True, False),
     ({"load_in_4bit": True}, False, True),
     ({}, None, None),
-])
+], ids=["load_in_8bit", "load_in_4bit", "neither"])
 def test_quantization_flags_pick_the_bitsandbytes_mode(make_cfg, flags, loads_8bit, loads_4bit):
     quant = finetune.quantization_config(make_cfg(**flags), "fp32")
     if loads_8bit is None:
@@ -299,7 +299,7 @@ def out_of_range_values(field) -> list:
     return values
 
 
-def _bad_numeric_values():
+def bad_numeric_values():
     for name, field in numeric_fields().items():
         yield pytest.param(name, "abc", id=f"{name}=abc")
         yield pytest.param(name, True, id=f"{name}=true")
@@ -316,7 +316,7 @@ def test_schema_has_numeric_keys_with_bounds():
     assert all(out_of_range_values(fields[k]) for k in ("batch_size", "learning_rate", "validation_split"))
 
 
-@pytest.mark.parametrize("key, value", list(_bad_numeric_values()))
+@pytest.mark.parametrize("key, value", list(bad_numeric_values()))
 def test_numeric_key_with_wrong_type_or_range_is_refused_by_name(tmp_path, key, value):
     path = write_yaml(tmp_path / "bad.yml", yaml.safe_dump({key: value}))
     message = user_error(path)
@@ -328,7 +328,7 @@ def test_infinite_epochs_are_refused(tmp_path):
     assert "num_train_epochs" in message
 
 
-@pytest.mark.parametrize("values, keys", [
+CONTRADICTIONS = [
     ({"load_in_4bit": True, "load_in_8bit": True}, ["load_in_4bit", "load_in_8bit"]),
     ({"load_in_4bit": True, "use_peft": False}, ["load_in_4bit", "use_peft"]),
     ({"load_in_8bit": True, "use_peft": False}, ["load_in_8bit", "use_peft"]),
@@ -337,7 +337,11 @@ def test_infinite_epochs_are_refused(tmp_path):
     ({"eval_strategy": "steps", "validation_split": 0}, ["eval_strategy", "validation_split"]),
     ({"eval_strategy": "epoch", "validation_split": 0}, ["eval_strategy", "validation_split"]),
     ({"resume_from_checkpoint": "auto", "overwrite_output_dir": True}, ["resume_from_checkpoint", "overwrite_output_dir"]),
-], ids=lambda v: "+".join(v) if isinstance(v, dict) else None)
+]
+
+
+@pytest.mark.parametrize("values, keys", CONTRADICTIONS,
+                         ids=["+".join(f"{k}={v}" for k, v in values.items()) for values, _ in CONTRADICTIONS])
 def test_contradiction_is_refused_naming_both_sides(tmp_path, values, keys):
     path = write_yaml(tmp_path / "contradiction.yml", yaml.safe_dump(values))
     message = user_error(path)
