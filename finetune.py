@@ -13,13 +13,17 @@ Heavy libraries (torch, transformers, trl, peft, datasets) are imported inside t
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -27,8 +31,22 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+# Third-party noise with nothing for our users to act on: bitsandbytes' optional Hub kernel (out of reach offline) and
+# 8-bit matmuls announcing their input casts.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
 class UserError(Exception):
     """A mistake in the user's config, data or environment: printed as one line, exit status 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint; exits 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -43,7 +61,7 @@ EMBEDDED_MODEL = "models/SmolLM2-135M-Instruct"
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     # model
     model_name: str = Field(EMBEDDED_MODEL, description="Hub id, local model folder or local .gguf file to fine-tune.")
@@ -109,7 +127,21 @@ class Config(BaseModel):
     push_to_hub: bool = Field(False, description="Upload the final model to the Hugging Face Hub (token from HF_TOKEN).")
     hub_model_id: str | None = Field(None, description="Hub repository to push to, as user/name.")
     hub_private_repo: bool = Field(True, description="Create the Hub repository as private.")
+    fsdp: str = Field("", description="FSDP sharding for multi-GPU runs, e.g. \"full_shard auto_wrap\" (empty = plain data parallel).")
+    fsdp_config: dict[str, Any] | None = Field(None, description="FSDP options passed to the HF Trainer, e.g. {transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}.")
+    deepspeed: str | None = Field(None, description="DeepSpeed ZeRO config file (json) passed to the HF Trainer; needs the deepspeed package.")
     merge_adapter: bool = Field(False, description="After training, also write <output_dir>/merged: the adapter merged into a 16-bit copy of the base.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, values):
+        # pydantic reads true as 1 for numbers; in a config that is always a slip, e.g. `learning_rate: yes`
+        if isinstance(values, dict):
+            for key, value in values.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and {int, float} & set(getattr(field.annotation, "__args__", (field.annotation,))):
+                    raise ValueError(f"{key}: expected a number, got {value!r}")
+        return values
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
@@ -130,6 +162,8 @@ class Config(BaseModel):
             raise ValueError("eval_strategy needs validation rows: set validation_split > 0 or eval_strategy: no")
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise ValueError("resume_from_checkpoint and overwrite_output_dir contradict each other: pick one")
+        if self.fsdp and self.deepspeed:
+            raise ValueError("fsdp and deepspeed are both set: pick one")
         if isinstance(self.peft_target_modules, list) and not self.peft_target_modules:
             raise ValueError("peft_target_modules is empty: use all-linear or name at least one module")
         return self
@@ -251,7 +285,7 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...] = ()) -> None:
         raise UserError(f"dataset file {path} is empty: no rows")
 
 
-def read_rows(name: str, config_name: str | None = None, split: str = "train", token: bool | None = None,
+def read_rows(name: str, config_name: str | None = None, split: str = "train", token: bool = False,
               text_fields: tuple[str, ...] = ()):
     """One datasets.Dataset of raw rows from a local path or the Hub."""
     import datasets
@@ -347,17 +381,21 @@ def tokenize_row(row: dict, number: int, tokenizer, fmt: str, cfg: Config, where
 def tokenize_dataset(rows, tokenizer, cfg: Config, where: str):
     """Tokenized rows, cut to seq_length (or dropped, per long_examples); returns (dataset, number of long rows)."""
     fmt = data_format(rows.column_names, cfg, where)
+    # Explicit fingerprints: datasets would otherwise try to pickle the config inside each lambda to name the cache.
+    key = hashlib.sha256(f"{rows._fingerprint}|{cfg.model_dump_json()}|{tokenizer.name_or_path}|{len(tokenizer)}|"
+                         f"{getattr(tokenizer, 'chat_template', None)}".encode()).hexdigest()[:24]
     tokenized = rows.map(lambda row, i: tokenize_row(row, row.get(ROW, i + 1), tokenizer, fmt, cfg, where),
-                         with_indices=True, remove_columns=rows.column_names)
-    too_long = sum(n > cfg.seq_length for n in tokenized["length"])
+                         with_indices=True, remove_columns=rows.column_names, new_fingerprint=f"{key}-tokenize")
+    too_long = sum(n > cfg.seq_length for n in tokenized["length"])  # `length` stays the length before any cut
+    cut = cfg.seq_length
     if too_long and cfg.long_examples == "drop":
-        tokenized = tokenized.filter(lambda n: n <= cfg.seq_length, input_columns="length")
+        tokenized = tokenized.filter(lambda n: n <= cut, input_columns="length", new_fingerprint=f"{key}-drop")
     elif too_long:
-        cut = cfg.seq_length
-        tokenized = tokenized.map(lambda r: {"input_ids": r["input_ids"][:cut], "loss_weights": r["loss_weights"][:cut],
-                                             "length": min(r["length"], cut)})
+        tokenized = tokenized.map(lambda r: {"input_ids": r["input_ids"][:cut], "loss_weights": r["loss_weights"][:cut]},
+                                  new_fingerprint=f"{key}-truncate")
     before = len(tokenized)
-    tokenized = tokenized.filter(lambda w: max(w[1:], default=0) > 0, input_columns="loss_weights")
+    tokenized = tokenized.filter(lambda w: max(w[1:], default=0) > 0, input_columns="loss_weights",
+                                 new_fingerprint=f"{key}-trainable")
     if len(tokenized) < before:
         print(f"dataset {where}: {before - len(tokenized)} examples had no token to learn from within seq_length={cfg.seq_length} and were dropped")
     if len(tokenized) == 0:
@@ -374,7 +412,7 @@ def text_fields(cfg: Config) -> tuple[str, ...]:
 
 def load_dataset_splits(cfg: Config):
     """(train rows, validation rows or None), raw and untokenized, split with the config's seed."""
-    rows = read_rows(cfg.dataset_name, cfg.dataset_config, cfg.dataset_split, token=cfg.use_auth_token or None,
+    rows = read_rows(cfg.dataset_name, cfg.dataset_config, cfg.dataset_split, token=hub_token(cfg),
                      text_fields=text_fields(cfg))
     if len(rows) == 0:
         raise UserError(f"dataset {cfg.dataset_name} is empty: no rows")
@@ -430,8 +468,8 @@ def model_source(name: str) -> tuple[str, dict]:
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         return str(path), {}
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise UserError(f"model_name: folder not found: {name}")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.parent.is_dir() and str(path.parent) != ".":
+        raise UserError(f"model_name: folder not found: {name}" + (" (run ./setup.sh to prepare the embedded model)" if name == EMBEDDED_MODEL else ""))
     return name, {}
 
 
@@ -468,8 +506,9 @@ def torch_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def hub_token(cfg: Config) -> bool | None:
-    return True if cfg.use_auth_token else None
+def hub_token(cfg: Config) -> bool:
+    """True sends HF_TOKEN (or the stored login); False sends nothing, where None would send it anyway."""
+    return cfg.use_auth_token
 
 
 def load_tokenizer(cfg: Config):
@@ -753,6 +792,41 @@ def make_trainer_class():
     return FineTuner
 
 
+def make_stop_on_signal():
+    """A callback that turns SIGINT/SIGTERM (Ctrl-C, a scheduler preempting the job) into: finish the current step,
+    save a checkpoint, stop. A second signal interrupts at once."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        def __init__(self):
+            self.signum, self.previous = None, {}
+
+        def _handle(self, signum, frame):
+            if self.signum is not None:
+                raise KeyboardInterrupt
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop at once)", file=sys.stderr)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stop = torch.tensor(float(self.signum or 0))
+            if args.world_size > 1:  # every rank must stop at the same step, or the others wait forever
+                torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+            if stop.item():
+                self.signum = int(stop.item())
+                control.should_save = control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+    return StopOnSignal()
+
+
 def decide_gradient_checkpointing(cfg: Config, device: str) -> bool:
     if cfg.gradient_checkpointing != "auto":
         return cfg.gradient_checkpointing
@@ -779,6 +853,7 @@ def make_training_args(cfg: Config, precision: str, device: str, gradient_checkp
         # Data is tokenized and collated here (per-token loss weights), so TRL's preparation is skipped.
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, prediction_loss_only=True,
         ddp_find_unused_parameters=False, push_to_hub=False, dataloader_num_workers=0,
+        fsdp=cfg.fsdp, fsdp_config=cfg.fsdp_config, deepspeed=cfg.deepspeed,
     )
 
 
@@ -1193,8 +1268,33 @@ def estimate_memory(cfg: Config, model_config) -> dict:
 # CLI: train (default), eval, generate, merge, push; --validate and --estimate check without training.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def prepare_output_dir(cfg: Config) -> None:
-    """Refuse to mix runs: an output_dir holding another run's results needs overwrite_output_dir or a resume."""
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (they set RANK), or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def lock_output_dir(out: Path):
+    """An exclusive lock on output_dir/.lock for this process's lifetime: a second run on the same folder refuses."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = (out / ".lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise UserError(f"output_dir {out} is in use by a running job ({holder}); wait for it or choose another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def check_output_dir(cfg: Config) -> bool:
+    """Refuse to mix runs: an output_dir holding another run's results needs overwrite_output_dir or a resume.
+    Returns whether the folder is in use."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file; pick a folder name")
@@ -1202,25 +1302,84 @@ def prepare_output_dir(cfg: Config) -> None:
     if used and not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
         raise UserError(f"output_dir {out} already holds a run; set resume_from_checkpoint: auto to continue it, "
                         f"overwrite_output_dir: true to replace it, or choose another output_dir")
+    return used
+
+
+def prepare_output_dir(cfg: Config):
+    """Lock output_dir, then clear it when overwrite_output_dir says so. Returns the lock (keep it referenced for the
+    run's lifetime): the lock comes first, so a running job's folder is never cleared under it."""
+    out = Path(cfg.output_dir)
+    check_output_dir(cfg)
+    lock = lock_output_dir(out)
+    used = any(p.name != ".lock" for p in out.iterdir())
+    if used and not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
+        raise UserError(f"output_dir {out} already holds a run; set resume_from_checkpoint: auto to continue it, "
+                        f"overwrite_output_dir: true to replace it, or choose another output_dir")
     if used and cfg.overwrite_output_dir:
         for p in out.iterdir():
             if p.name != ".lock":
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    return lock
+
+
+def safetensors_whole(path: Path) -> bool:
+    """A safetensors file is whole when its size is exactly header + the data its header describes."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return False
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return path.stat().st_size == 8 + size + end
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (missing or cut-off files), or None when it is complete."""
+    import zipfile
+
+    weights = list(folder.glob("*.safetensors"))
+    if not (folder / "trainer_state.json").exists():
+        return "trainer_state.json is missing"
+    if not weights:
+        return "no weights file"
+    for file in weights:
+        if not safetensors_whole(file):
+            return f"{file.name} is truncated"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (folder / name).exists():
+            return f"{name} is missing"
+        if not zipfile.is_zipfile(folder / name):
+            return f"{name} is truncated"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except ValueError:
+        return "trainer_state.json is truncated"
+    return None
 
 
 def resolve_checkpoint(cfg: Config) -> str | None:
+    """The checkpoint to resume from: the named one (which must be complete), or with auto the newest complete one
+    in output_dir, skipping (and naming) any that a crash cut off mid-write."""
     if not cfg.resume_from_checkpoint:
         return None
     if cfg.resume_from_checkpoint != "auto":
-        if not Path(cfg.resume_from_checkpoint).is_dir():
-            raise UserError(f"resume_from_checkpoint: folder not found: {cfg.resume_from_checkpoint}")
-        return cfg.resume_from_checkpoint
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-    print(f"resuming from {last}" if last else f"resume_from_checkpoint: auto: no checkpoint in {cfg.output_dir}, starting fresh")
-    return last
+        folder = Path(cfg.resume_from_checkpoint)
+        if not folder.is_dir():
+            raise UserError(f"resume_from_checkpoint: folder not found: {folder}")
+        problem = checkpoint_problem(folder)
+        if problem:
+            raise UserError(f"resume_from_checkpoint: {folder} is incomplete ({problem}); use resume_from_checkpoint: auto to take the newest complete one")
+        return str(folder)
+    found = sorted(Path(cfg.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1, reverse=True)
+    for folder in found:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            print(f"resuming from {folder}")
+            return str(folder)
+        print(f"warning: skipping {folder.name}: {problem} (cut off while being written); trying the previous checkpoint")
+    print(f"resume_from_checkpoint: auto: no complete checkpoint in {cfg.output_dir}, starting fresh")
+    return None
 
 
 def summarize_logs(history: list[dict]) -> dict:
@@ -1236,6 +1395,7 @@ class Run(NamedTuple):
     checkpoint: str | None
     precision: str
     data_format: str
+    lock: Any  # held while the run lives; None on ranks other than 0
 
 
 def prepare_trainer(cfg: Config) -> Run:
@@ -1251,7 +1411,7 @@ def prepare_trainer(cfg: Config) -> Run:
     pairs = test_pairs(load_test_rows(cfg, val_rows), tokenizer, cfg)
     if long_train:
         print(f"{long_train} training examples are longer than seq_length={cfg.seq_length}: {cfg.long_examples}d")
-    prepare_output_dir(cfg)
+    lock = prepare_output_dir(cfg) if is_main_process() else None
     checkpoint = resolve_checkpoint(cfg)
     gradient_checkpointing = decide_gradient_checkpointing(cfg, device)
     set_seed(cfg.seed)
@@ -1260,18 +1420,25 @@ def prepare_trainer(cfg: Config) -> Run:
     print(f"model {cfg.model_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; {device}, {precision}, "
           f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}; {len(train_set)} training examples")
     trainer = make_trainer(cfg, model, tokenizer, train_set, eval_set, precision, device, gradient_checkpointing)
-    return Run(trainer, tokenizer, pairs, checkpoint, precision, data_format(train_rows.column_names, cfg, cfg.dataset_name))
+    fmt = data_format(train_rows.column_names, cfg, cfg.dataset_name)
+    return Run(trainer, tokenizer, pairs, checkpoint, precision, fmt, lock)
 
 
 def run_training(cfg: Config) -> Path:
     """The whole pipeline: prepare -> score the base -> train -> score the fine-tuned model -> save -> push."""
     started = time.time()
-    trainer, tokenizer, pairs, checkpoint, precision, fmt = prepare_trainer(cfg)
+    trainer, tokenizer, pairs, checkpoint, precision, fmt, _lock = prepare_trainer(cfg)
+    stopper = make_stop_on_signal()
+    trainer.add_callback(stopper)
     summary: dict[str, Any] = {"precision": precision, "data_format": fmt}
     if cfg.eval_before and pairs and trainer.is_world_process_zero():
         summary["base"], _ = evaluate_generation(trainer.model, tokenizer, pairs, cfg)
         print("base model on the test rows:", summary["base"])
     trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.signum:
+        name = signal.Signals(stopper.signum).name
+        raise Interrupted(f"{name}: stopped at step {trainer.state.global_step} with a checkpoint in {cfg.output_dir}; "
+                          f"to continue, run the same command with resume_from_checkpoint=auto", stopper.signum)
     history = trainer.state.log_history
     summary.update(summarize_logs(history), steps=trainer.state.global_step)
     if not trainer.is_world_process_zero():
@@ -1350,6 +1517,8 @@ def parse_args(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; `argv` given means an in-process call (tests), which never re-executes the interpreter."""
+    as_script = argv is None
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -1364,11 +1533,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "push":
             print(f"pushed to {push_folder(cfg, saved_folder(cfg, args.model))}")
         else:
-            maybe_reexec_with_fast_allocator()
+            check_output_dir(cfg)  # before anything heavy, so a refused run answers at once
+            if as_script:
+                maybe_reexec_with_fast_allocator()
             run_training(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
