@@ -1305,21 +1305,13 @@ def check_output_dir(cfg: Config) -> bool:
     return used
 
 
-def prepare_output_dir(cfg: Config):
-    """Lock output_dir, then clear it when overwrite_output_dir says so. Returns the lock (keep it referenced for the
-    run's lifetime): the lock comes first, so a running job's folder is never cleared under it."""
-    out = Path(cfg.output_dir)
-    check_output_dir(cfg)
-    lock = lock_output_dir(out)
-    used = any(p.name != ".lock" for p in out.iterdir())
-    if used and not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
-        raise UserError(f"output_dir {out} already holds a run; set resume_from_checkpoint: auto to continue it, "
-                        f"overwrite_output_dir: true to replace it, or choose another output_dir")
-    if used and cfg.overwrite_output_dir:
-        for p in out.iterdir():
+def clear_output_dir(cfg: Config) -> None:
+    """With overwrite_output_dir, remove the earlier run; called once data and model have loaded, under the lock, so
+    that a run refused for bad input leaves the earlier one whole."""
+    if cfg.overwrite_output_dir:
+        for p in Path(cfg.output_dir).iterdir():
             if p.name != ".lock":
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return lock
 
 
 def safetensors_whole(path: Path) -> bool:
@@ -1402,6 +1394,8 @@ def prepare_trainer(cfg: Config) -> Run:
     """Data, output folder and model, wired into a trainer, with what the rest of the run needs to know."""
     from transformers import set_seed
 
+    check_output_dir(cfg)
+    lock = lock_output_dir(Path(cfg.output_dir)) if is_main_process() else None
     device = pick_device()
     precision = resolve_precision(cfg, device)
     tokenizer = load_tokenizer(cfg)
@@ -1411,11 +1405,12 @@ def prepare_trainer(cfg: Config) -> Run:
     pairs = test_pairs(load_test_rows(cfg, val_rows), tokenizer, cfg)
     if long_train:
         print(f"{long_train} training examples are longer than seq_length={cfg.seq_length}: {cfg.long_examples}d")
-    lock = prepare_output_dir(cfg) if is_main_process() else None
     checkpoint = resolve_checkpoint(cfg)
     gradient_checkpointing = decide_gradient_checkpointing(cfg, device)
     set_seed(cfg.seed)
     model = build_model(cfg, precision, device, gradient_checkpointing)
+    if is_main_process():
+        clear_output_dir(cfg)
     trainable, total = count_parameters(model)
     print(f"model {cfg.model_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; {device}, {precision}, "
           f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}; {len(train_set)} training examples")

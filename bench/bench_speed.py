@@ -151,8 +151,8 @@ def ours_trainer(data: Path, out: Path, args: argparse.Namespace):
                  f"max_steps={args.steps}", f"batch_size={args.batch_size}", f"seq_length={args.max_length}",
                  f"peft_lora_r={LORA_R}", f"peft_lora_alpha={LORA_ALPHA}", f"learning_rate={LEARNING_RATE}",
                  f"logging_steps={log_every(args.steps)}", f"output_dir={out}"]
-    trainer = finetune.prepare_trainer(finetune.load_config(None, overrides))[0]
-    return trainer, lambda: trainer.trained_tokens
+    run = finetune.prepare_trainer(finetune.load_config(None, overrides))
+    return run.trainer, lambda: run.trainer.trained_tokens  # the closure keeps `run`, and so its output_dir lock, alive
 
 
 def log_every(steps: int) -> int:

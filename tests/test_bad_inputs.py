@@ -1,0 +1,543 @@
+"""A corpus of bad inputs: config files, command-line overrides, data files of every supported format, model paths and
+environment. Each one must be refused the way a user can act on: exit status 2, stderr exactly one line starting with
+"error:" that names the culprit (key, file, line, ...), no traceback, and an existing output_dir left byte-for-byte as
+it was, even with overwrite_output_dir: true (the most dangerous setting: a refused run must not cost the old one).
+
+Every case runs in-process through finetune.main (fast); a few also run as `python finetune.py ...` in a subprocess,
+as a user's shell sees them. The last tests cover inputs that are NOT refused, by design: an enormous example is cut
+or dropped per long_examples (and counted), a tokenizer without a pad token trains, and push_to_hub without HF_TOKEN
+keeps the local save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import annotated_types
+import pytest
+import yaml
+
+import finetune
+from conftest import run_cli, write_jsonl
+
+BIG = 20_000  # lines in the "large file" cases: the bad row sits in the middle, far from where a reader would look
+IGNORED = {".lock"}  # the run's lock file (finetune.lock_output_dir) is machinery, not a result of the old run
+
+
+def good_rows(n: int) -> list[dict]:
+    return [{"prompt": f"Say {i}.", "completion": f" {i}"} for i in range(n)]
+
+
+def json_lines(rows: list) -> list[bytes]:
+    return [json.dumps(r).encode() for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The workspace of one case: a tiny model, good data, and an output_dir that holds a previous run.
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Bad:
+    """How to run one bad input, and the regex its one-line message must match."""
+    argv: list[str]
+    culprit: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    model: Path
+    rows: list[dict]
+    keep: list = field(default_factory=list)  # objects that must live until the run ends (a held lock)
+
+    def __post_init__(self):
+        self.good = write_jsonl(self.tmp / "train.jsonl", self.rows)
+        self.old_run = self.tmp / "previous-run"
+        for name, content in {"notes.txt": b"results of an earlier run\n",
+                              "metrics.jsonl": b'{"loss": 1.5, "step": 2}\n',
+                              "final/adapter_model.safetensors": os.urandom(4096),
+                              "final/adapter_config.json": b'{"r": 16}',
+                              "checkpoint-2/trainer_state.json": b'{"global_step": 2}'}.items():
+            (self.old_run / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.old_run / name).write_bytes(content)
+
+    def base(self) -> dict:
+        # Fast if a case gets as far as the model: tiny model, fp32, one step, no generation scoring; and
+        # overwrite_output_dir so that only the bad input itself can stop the run.
+        return dict(model_name=str(self.model), dataset_name=str(self.good), test_dataset=None, eval_before=False,
+                    precision="fp32", output_dir=str(self.old_run), overwrite_output_dir=True, max_steps=1,
+                    batch_size=4, logging_steps=1, eval_strategy="no", save_strategy="no", validation_split=0)
+
+    def config(self, text: str | bytes | None = None, name: str = "config.yml", **changes) -> str:
+        """A config file: the raw text given, or the base config with `changes`."""
+        path = self.tmp / name
+        if text is None:
+            text = yaml.safe_dump({**self.base(), **changes}, sort_keys=False)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return str(path)
+
+    def run(self, *overrides: str, **changes) -> list[str]:
+        return ["--config", self.config(**changes), *overrides]
+
+    def file(self, name: str, content: bytes | str | list[bytes]) -> Path:
+        path = self.tmp / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, list):
+            content = b"".join(line + b"\n" for line in content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def data(self, path: Path, culprit: str, **changes) -> Bad:
+        """Train on `path`; the message must match `culprit`, where {path} stands for the file's path."""
+        return Bad(self.run(dataset_name=str(path), **changes), culprit.replace("{path}", re.escape(str(path))))
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file and folder under `folder`: relative path -> sha256 (folders -> 'dir')."""
+    return {str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.name not in IGNORED}
+
+
+def offline(monkeypatch) -> None:
+    """HF_HUB_OFFLINE=1 for an in-process run: the libraries read the variable once at import, so set their copy too."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The corpus. Each entry: id -> build(ctx) -> Bad.
+# ---------------------------------------------------------------------------------------------------------------------
+
+CASES: dict[str, Callable[[Ctx], Bad]] = {}
+
+
+def case(case_id: str):
+    def register(build):
+        assert case_id not in CASES, case_id
+        CASES[case_id] = build
+        return build
+    return register
+
+
+def add(case_id: str, build: Callable[[Ctx], Bad]) -> None:
+    case(case_id)(build)
+
+
+# --- config file -----------------------------------------------------------------------------------------------------
+
+@case("yaml-broken-bracket")
+def _(c):
+    path = c.config("model_name: x\nbatch_size: [4\nlearning_rate: 0.1\n")
+    return Bad(["--config", path], rf"{re.escape(path)}: line \d+ .*YAML")
+
+
+@case("yaml-tab-indent")
+def _(c):
+    path = c.config("peft_target_modules:\n\t- q_proj\n")
+    return Bad(["--config", path], rf"{re.escape(path)}: line 2 .*YAML")
+
+
+add("yaml-is-a-list", lambda c: Bad(["--config", p := c.config("- batch_size: 4\n- max_steps: 1\n")],
+                                    rf"{re.escape(p)}: must be a mapping.*list"))
+add("yaml-is-a-scalar", lambda c: Bad(["--config", p := c.config("batch_size=4\n")],
+                                      rf"{re.escape(p)}: must be a mapping.*str"))
+add("config-not-utf8", lambda c: Bad(["--config", p := c.config("output_dir: caf\u00e9\n".encode("latin-1"))],
+                                     rf"{re.escape(p)}: not UTF-8"))
+add("config-unknown-key", lambda c: Bad(c.run(lerning_rate=0.1), r"unknown key 'lerning_rate'.*'learning_rate'"))
+add("config-missing", lambda c: Bad(["--config", p := str(c.tmp / "nope.yml")], rf"not found: {re.escape(p)}"))
+# Tests run as root here, where chmod 000 does not stop reading: a folder given as --config is unreadable as a file.
+add("config-is-a-directory", lambda c: Bad(["--config", str(c.tmp)], re.escape(str(c.tmp))))
+add("config-bool-for-number", lambda c: Bad(["--config", c.config("learning_rate: yes\n")], r"learning_rate: expected a number"))
+add("config-nan", lambda c: Bad(["--config", c.config("learning_rate: .nan\n")], r"learning_rate"))
+add("config-infinite-epochs", lambda c: Bad(["--config", c.config("num_train_epochs: .inf\n")], r"num_train_epochs"))
+add("config-bad-choice-precision", lambda c: Bad(c.run(precision="fp64"), r"precision: .*'fp64'"))
+add("config-bad-choice-optim", lambda c: Bad(c.run(optim="adam"), r"optim: .*'adam'"))
+add("config-list-for-text-model_name", lambda c: Bad(c.run(model_name=["a", "b"]), r"model_name"))
+add("config-number-for-dict", lambda c: Bad(c.run(gradient_checkpointing_kwargs=5), r"gradient_checkpointing_kwargs"))
+add("config-number-for-target-modules", lambda c: Bad(c.run(peft_target_modules=5), r"peft_target_modules"))
+
+
+@case("config-unreadable-chmod-000")
+def _(c):
+    if os.geteuid() == 0:
+        pytest.skip("root reads a chmod 000 file; config-is-a-directory covers unreadable configs")
+    path = c.config()
+    os.chmod(path, 0)
+    return Bad(["--config", path], re.escape(path))
+
+
+# Contradictions: each names both sides.
+CONTRADICTIONS = {
+    "4bit-and-8bit": (dict(load_in_4bit=True, load_in_8bit=True), r"load_in_4bit.*load_in_8bit"),
+    "4bit-without-peft": (dict(load_in_4bit=True, use_peft=False), r"use_peft.*load_in_4bit"),
+    "no-epochs-no-steps": (dict(max_steps=-1, num_train_epochs=0), r"num_train_epochs.*max_steps"),
+    "push-without-hub_model_id": (dict(push_to_hub=True), r"push_to_hub.*hub_model_id"),
+    "fsdp-and-deepspeed": (dict(fsdp="full_shard auto_wrap", deepspeed="ds.json"), r"fsdp.*deepspeed"),
+    "resume-and-overwrite": (dict(resume_from_checkpoint="auto"), r"resume_from_checkpoint.*overwrite_output_dir"),
+    "eval-steps-without-validation": (dict(eval_strategy="steps"), r"eval_strategy.*validation_split"),
+    "empty-target-modules": (dict(peft_target_modules=[]), r"peft_target_modules"),
+}
+for _id, (_changes, _culprit) in CONTRADICTIONS.items():
+    add(f"contradiction-{_id}", lambda c, ch=_changes, cu=_culprit: Bad(c.run(**ch), cu))
+
+
+# --- every numeric key, from the schema: a string in the config file, each bound broken on the command line ---------
+
+def numeric_fields() -> dict:
+    found = {}
+    for name, info in finetune.Config.model_fields.items():
+        types = set(typing.get_args(info.annotation) or [info.annotation]) - {type(None)}
+        if types and types <= {int, float}:
+            found[name] = info
+    return found
+
+
+def out_of_range(info) -> list:
+    values = []
+    for bound in info.metadata:
+        if isinstance(bound, annotated_types.Ge):
+            values.append(bound.ge - 1)
+        elif isinstance(bound, annotated_types.Gt):
+            values.append(bound.gt)
+        elif isinstance(bound, annotated_types.Le):
+            values.append(bound.le + 1)
+        elif isinstance(bound, annotated_types.Lt):
+            values.append(bound.lt)
+    return values
+
+
+for _key, _info in numeric_fields().items():
+    add(f"config-{_key}-not-a-number",
+        lambda c, k=_key: Bad(["--config", p := c.config(**{k: "abc"})], rf"{re.escape(p)}: {k}: .*'abc'"))
+    for _value in out_of_range(_info):
+        add(f"override-{_key}={_value}",
+            lambda c, k=_key, v=_value: Bad(c.run(f"{k}={v}"), rf"\b{k}: .*got {re.escape(repr(v))}"))
+
+
+# --- command-line overrides ----------------------------------------------------------------------------------------
+
+add("override-bad-type", lambda c: Bad(c.run("batch_size=four"), r"batch_size: .*'four'"))
+add("override-list-for-int", lambda c: Bad(c.run("max_steps=[1, 2]"), r"max_steps"))
+add("override-bare-word", lambda c: Bad(c.run("fast"), r"'fast'.*key=value"))
+add("override-misspelled-command", lambda c: Bad(c.run("trian"), r"'trian'"))
+add("override-unknown-key", lambda c: Bad(c.run("lerning_rate=0.1"), r"command line: unknown key 'lerning_rate'.*'learning_rate'"))
+add("override-empty-key", lambda c: Bad(c.run("=5"), r"unknown key ''"))
+add("option-unknown", lambda c: Bad(c.run("--nope"), r"--nope"))
+add("option-config-without-path", lambda c: Bad(["--config"], r"--config"))
+
+
+# --- data files of every supported format --------------------------------------------------------------------------
+
+@case("jsonl-broken-line-in-the-middle-of-20000")
+def _(c):
+    lines = json_lines(good_rows(BIG))
+    lines[BIG // 2] = b'{"prompt": "half a row", "completion": '
+    return c.data(c.file("big.jsonl", lines), rf"{{path}}:{BIG // 2 + 1}\b.*JSON")
+
+
+@case("jsonl-list-line-in-the-middle-of-20000")
+def _(c):
+    lines = json_lines(good_rows(BIG))
+    lines[12_344] = b'["Say 1.", " 1"]'
+    return c.data(c.file("list.jsonl", lines), r"{path}:12345\b.*object.*list")
+
+
+@case("jsonl-non-utf8-line-in-the-middle-of-20000")
+def _(c):
+    lines = json_lines(good_rows(BIG))
+    lines[15_000] = '{"prompt": "caf\u00e9?", "completion": " yes"}'.encode("latin-1")
+    return c.data(c.file("latin1.jsonl", lines), r"{path}:15001\b.*UTF-8")
+
+
+@case("jsonl-number-completion-in-the-middle-of-20000")
+def _(c):
+    lines = json_lines(good_rows(BIG))
+    lines[9_999] = b'{"prompt": "Say 2.", "completion": 2}'
+    return c.data(c.file("types.jsonl", lines), r"{path}:10000\b.*'completion'.*int")
+
+
+@case("jsonl-row-without-completion-in-the-middle")
+def _(c):
+    rows = good_rows(2_000)
+    rows[1_000] = {"prompt": "Say nothing."}
+    return c.data(c.file("missing.jsonl", json_lines(rows)), r"{path}.*row 1001\b.*'completion'")
+
+
+add("jsonl-without-needed-fields", lambda c: c.data(c.file("qa.jsonl", json_lines([{"question": "q", "answer": "a"}] * 5)),
+                                                   r"{path}.*'answer'.*'question'"))
+add("jsonl-empty", lambda c: c.data(c.file("empty.jsonl", b""), r"{path}.*empty"))
+add("jsonl-blank-lines-only", lambda c: c.data(c.file("blank.jsonl", b"\n \n\n"), r"{path}.*empty"))
+add("json-broken", lambda c: c.data(c.file("broken.json", b'[{"prompt": "a", "completion": "b"}, {"prompt": '), r"{path}"))
+add("json-not-rows", lambda c: c.data(c.file("scalar.json", b'"just a string"'), r"{path}"))
+add("json-array-of-arrays", lambda c: c.data(c.file("arrays.json", b'[["a", "b"], ["c", "d"]]'), r"{path}"))
+add("json-object-wrapping-rows", lambda c: c.data(c.file("wrapped.json", json.dumps({"rows": good_rows(3)})), r"{path}.*'rows'"))
+add("json-not-utf8", lambda c: c.data(c.file("latin1.json", '[{"prompt": "caf\u00e9", "completion": "x"}]'.encode("latin-1")),
+                                      r"{path}"))
+add("json-empty", lambda c: c.data(c.file("empty.json", b""), r"{path}.*empty"))
+add("json-empty-array", lambda c: c.data(c.file("none.json", b"[]"), r"{path}.*(empty|no rows)"))
+add("csv-without-needed-columns", lambda c: c.data(c.file("qa.csv", "question,answer\nq,a\nr,b\n"), r"{path}.*'answer'.*'question'"))
+
+
+@case("csv-ragged-row-in-the-middle-of-20000")
+def _(c):
+    lines = [b"prompt,completion"] + [f"Say {i}.,{i}".encode() for i in range(BIG)]
+    lines[BIG // 2] = b"Say a, b and c.,abc"  # an unquoted comma: three fields where the header has two
+    return c.data(c.file("ragged.csv", lines), r"{path}")
+
+
+add("csv-not-utf8", lambda c: c.data(c.file("latin1.csv", "prompt,completion\ncaf\u00e9,x\n".encode("latin-1")), r"{path}"))
+add("csv-empty", lambda c: c.data(c.file("empty.csv", b""), r"{path}.*empty"))
+add("csv-header-only", lambda c: c.data(c.file("header.csv", b"prompt,completion\n"), r"{path}.*(empty|no rows)"))
+
+
+def parquet(c: Ctx, name: str, columns: dict) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = c.tmp / "data" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+add("parquet-without-needed-columns",
+    lambda c: c.data(parquet(c, "qa.parquet", {"question": ["q"] * 5, "answer": ["a"] * 5}), r"{path}.*'answer'.*'question'"))
+
+
+@case("parquet-null-completion-in-the-middle")
+def _(c):
+    rows = good_rows(2_000)
+    completions = [r["completion"] for r in rows]
+    completions[1_234] = None
+    path = parquet(c, "nulls.parquet", {"prompt": [r["prompt"] for r in rows], "completion": completions})
+    return c.data(path, r"{path}.*row 1235\b.*'completion'")
+
+
+add("parquet-corrupt", lambda c: c.data(c.file("corrupt.parquet", os.urandom(2048)), r"{path}"))
+add("parquet-truncated", lambda c: c.data(c.file("cut.parquet", parquet(c, "whole.parquet", {
+    "prompt": ["a"] * 50, "completion": ["b"] * 50}).read_bytes()[:300]), r"{path}"))
+add("parquet-empty", lambda c: c.data(c.file("empty.parquet", b""), r"{path}.*empty"))
+add("data-unsupported-type", lambda c: c.data(c.file("train.txt", "prompt\tcompletion\n"), r"{path}.*'\.txt'"))
+add("data-missing-file", lambda c: c.data(c.tmp / "data" / "nope.jsonl", r"not found: {path}"))
+add("data-empty-folder", lambda c: c.data(c.file("empty/.keep", b"").parent, r"{path} holds no"))
+add("data-folder-of-unsupported-files", lambda c: c.data(
+    (c.file("docs/notes.txt", "hi"), c.file("docs/table.tsv", "a\tb"))[0].parent, r"{path} holds no"))
+add("data-folder-mixing-types", lambda c: c.data(
+    (c.file("mixed/a.jsonl", json_lines(good_rows(3))), c.file("mixed/b.csv", "prompt,completion\na,b\n"))[0].parent,
+    r"{path} mixes"))
+# Unreadable as root too: a folder named like a data file, inside the dataset folder.
+add("data-folder-holding-a-folder-named-jsonl", lambda c: c.data(
+    (c.file("parts/a.jsonl", json_lines(good_rows(3))), c.file("parts/b.jsonl/x", b""))[0].parent, r"{path}.*b\.jsonl"))
+add("data-dangling-symlink", lambda c: c.data(
+    (lambda p: (p.parent.mkdir(parents=True, exist_ok=True), p.symlink_to(c.tmp / "gone.jsonl"), p)[2])(c.tmp / "data" / "link.jsonl"),
+    r"{path}"))
+
+
+@case("data-unreadable-chmod-000")
+def _(c):
+    if os.geteuid() == 0:
+        pytest.skip("root reads a chmod 000 file; data-folder-holding-a-folder-named-jsonl covers unreadable data")
+    path = write_jsonl(c.tmp / "secret.jsonl", c.rows)
+    os.chmod(path, 0)
+    return c.data(path, r"{path}")
+
+
+add("data-hub-id-offline", lambda c: Bad(c.run(dataset_name="someone/nonexistent-dataset"),
+                                         r"someone/nonexistent-dataset", env={"HF_HUB_OFFLINE": "1"}))
+add("data-all-rows-longer-than-seq_length-dropped", lambda c: c.data(c.good, r"{path}.*seq_length", seq_length=8,
+                                                                     long_examples="drop"))
+add("data-too-few-rows-for-validation", lambda c: c.data(write_jsonl(c.tmp / "one.jsonl", c.rows[:1]),
+                                                         r"{path}.*validation_split", validation_split=0.2))
+add("test-dataset-missing", lambda c: Bad(c.run(test_dataset=(p := str(c.tmp / "no-test.jsonl"))), re.escape(p)))
+
+
+# --- model paths ---------------------------------------------------------------------------------------------------
+
+def model_folder(c: Ctx, name: str, files: dict[str, str | bytes] = {}, copy: tuple[str, ...] = ()) -> str:
+    folder = c.tmp / name
+    folder.mkdir()
+    for f in copy:
+        shutil.copy(c.model / f, folder / f)
+    for f, content in files.items():
+        (folder / f).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(folder)
+
+
+def model_case(c: Ctx, name: str, **env) -> Bad:
+    return Bad(c.run(model_name=name), rf"model_name.*{re.escape(name)}", env=env)
+
+
+add("model-missing-folder", lambda c: model_case(c, str(c.tmp / "no-such-model")))
+add("model-gguf-missing", lambda c: model_case(c, str(c.tmp / "model-Q4_K_M.gguf")))
+add("model-empty-folder", lambda c: model_case(c, model_folder(c, "empty-model")))
+add("model-garbage-config-json", lambda c: model_case(c, model_folder(c, "garbage-model", {"config.json": "{not json"})))
+add("model-file-not-folder", lambda c: model_case(c, str(c.model / "config.json")))
+add("model-tokenizer-without-weights", lambda c: model_case(c, model_folder(
+    c, "no-weights", copy=("config.json", "tokenizer.json", "tokenizer_config.json"))))
+add("model-hub-id-offline", lambda c: model_case(c, "someone/nonexistent-model", HF_HUB_OFFLINE="1"))
+add("model-unknown-target-module", lambda c: Bad(c.run(peft_target_modules=["nope_proj"]), r"peft_target_modules.*nope_proj"))
+
+
+# --- environment ---------------------------------------------------------------------------------------------------
+
+add("output-dir-used-without-overwrite", lambda c: Bad(c.run(overwrite_output_dir=False),
+                                                       rf"output_dir {re.escape(str(c.old_run))} already holds a run"))
+add("output-dir-is-a-file", lambda c: Bad(c.run(output_dir=str(c.old_run / "notes.txt")), r"output_dir .*notes\.txt is a file"))
+add("resume-missing-folder", lambda c: Bad(c.run(overwrite_output_dir=False, resume_from_checkpoint=str(c.tmp / "checkpoint-9")),
+                                           r"resume_from_checkpoint: .*checkpoint-9"))
+add("resume-incomplete-checkpoint", lambda c: Bad(
+    c.run(overwrite_output_dir=False, resume_from_checkpoint=str(c.old_run / "checkpoint-2")),
+    r"resume_from_checkpoint: .*checkpoint-2 is incomplete"))
+
+
+@case("output-dir-in-use-by-another-job")
+def _(c):
+    import fcntl
+
+    handle = (c.old_run / ".lock").open("a+")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle.write("pid 4242")
+    handle.flush()
+    c.keep.append(handle)
+    return Bad(c.run(), rf"output_dir {re.escape(str(c.old_run))} is in use.*pid 4242")
+
+
+@case("fp16-on-cpu")
+def _(c):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid with a CUDA GPU")
+    return Bad(c.run(precision="fp16"), r"precision: fp16")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a case and checking the refusal
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ctx(tmp_path, tiny_model, pc_rows):
+    made = Ctx(tmp_path, tiny_model, pc_rows)
+    yield made
+    for handle in made.keep:
+        handle.close()
+
+
+def assert_refused(code, out: str, err: str, culprit: str) -> None:
+    assert "Traceback" not in out + err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert re.search(culprit, lines[0]), f"{culprit!r} not in {lines[0]!r}"
+
+
+def test_corpus_is_large_and_covers_every_numeric_key():
+    assert len(CASES) >= 40
+    for key in numeric_fields():
+        assert f"config-{key}-not-a-number" in CASES
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_bad_input_is_refused_in_one_line_and_leaves_output_dir_alone(case_id, ctx, capfd, monkeypatch):
+    bad = CASES[case_id](ctx)
+    for name, value in bad.env.items():
+        offline(monkeypatch) if name == "HF_HUB_OFFLINE" else monkeypatch.setenv(name, value)
+    before = snapshot(ctx.old_run)
+    capfd.readouterr()
+    try:
+        code = finetune.main(bad.argv)
+    except SystemExit as e:  # argparse refuses unknown options by exiting
+        code = e.code
+    out, err = capfd.readouterr()
+    assert_refused(code, out, err, bad.culprit)
+    assert snapshot(ctx.old_run) == before
+
+
+# The same refusals from a user's shell: the real entry point, its re-exec and its environment.
+SUBPROCESS_CASES = ["yaml-broken-bracket", "override-bad-type", "option-unknown", "config-learning_rate-not-a-number",
+                    "jsonl-broken-line-in-the-middle-of-20000", "data-hub-id-offline", "output-dir-is-a-file",
+                    "model-empty-folder"]
+
+
+@pytest.mark.parametrize("case_id", SUBPROCESS_CASES)
+def test_bad_input_is_refused_from_the_shell(case_id, ctx):
+    bad = CASES[case_id](ctx)
+    before = snapshot(ctx.old_run)
+    done = run_cli(*bad.argv, cwd=ctx.tmp, env=bad.env, timeout=120)
+    assert_refused(done.returncode, done.stdout, done.stderr, bad.culprit)
+    assert snapshot(ctx.old_run) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs that are not refused, by design
+# ---------------------------------------------------------------------------------------------------------------------
+
+ONE_STEP = dict(max_steps=1, batch_size=4, logging_steps=1, eval_strategy="no", save_strategy="no", validation_split=0,
+                eval_before=False, test_dataset=None, precision="fp32")
+
+
+def train(tmp_path: Path, model: Path, data: Path, capfd, *overrides: str) -> tuple[int, str, str]:
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump(dict(model_name=str(model), dataset_name=str(data), output_dir=str(tmp_path / "out"),
+                                          **ONE_STEP)))
+    capfd.readouterr()
+    code = finetune.main(["--config", str(config), *overrides])
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, err
+    return code, out, err
+
+
+@pytest.fixture
+def enormous_file(tmp_path, pc_rows) -> Path:
+    """The demo rows with one enormous example (~200,000 characters of completion) in the middle."""
+    huge = {"prompt": "Write the longest answer you can.", "completion": " word" * 40_000}
+    return write_jsonl(tmp_path / "enormous.jsonl", pc_rows[:24] + [huge] + pc_rows[24:])
+
+
+@pytest.mark.parametrize("mode, kept", [("truncate", 49), ("drop", 48)])
+def test_enormous_example_is_cut_or_dropped_and_counted(tmp_path, tiny_model, enormous_file, capfd, mode, kept):
+    code, out, err = train(tmp_path, tiny_model, enormous_file, capfd, "seq_length=256", f"long_examples={mode}")
+    assert code == 0, err
+    assert re.search(rf"\b1 training examples are longer than seq_length=256: {mode}d", out), out
+    assert re.search(rf"\b{kept} training examples\b", out), out
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture
+def model_without_pad(tmp_path, tiny_model) -> Path:
+    folder = shutil.copytree(tiny_model, tmp_path / "no-pad-model")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None  # the premise of the test
+    return folder
+
+
+def test_tokenizer_without_pad_token_trains(tmp_path, model_without_pad, pc_file, capfd):
+    code, out, err = train(tmp_path, model_without_pad, pc_file, capfd, "batch_size=8")
+    assert code == 0, err
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_push_without_hf_token_refuses_after_saving_locally(tmp_path, tiny_model, pc_file, capfd, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    code, out, err = train(tmp_path, tiny_model, pc_file, capfd, "push_to_hub=true", "hub_model_id=someone/tiny")
+    final = tmp_path / "out" / "final"
+    assert_refused(code, out, err, rf"HF_TOKEN.*{re.escape(str(final))}")
+    assert (final / "adapter_model.safetensors").is_file()
