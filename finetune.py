@@ -127,7 +127,7 @@ class Config(BaseModel):
     push_to_hub: bool = Field(False, description="Upload the final model to the Hugging Face Hub (token from HF_TOKEN).")
     hub_model_id: str | None = Field(None, description="Hub repository to push to, as user/name.")
     hub_private_repo: bool = Field(True, description="Create the Hub repository as private.")
-    fsdp: str = Field("", description="FSDP sharding for multi-GPU runs, e.g. \"full_shard auto_wrap\" (empty = plain data parallel).")
+    fsdp: bool = Field(False, description="Shard weights, gradients and optimizer states across processes with FSDP (options in fsdp_config).")
     fsdp_config: dict[str, Any] | None = Field(None, description="FSDP options passed to the HF Trainer, e.g. {transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}.")
     deepspeed: str | None = Field(None, description="DeepSpeed ZeRO config file (json) passed to the HF Trainer; needs the deepspeed package.")
     merge_adapter: bool = Field(False, description="After training, also write <output_dir>/merged: the adapter merged into a 16-bit copy of the base.")
@@ -781,8 +781,11 @@ def make_trainer_class():
             return (loss, None) if return_outputs else loss
 
         def log(self, logs: dict, start_time: float | None = None) -> None:
-            if "loss" in logs:
-                now, tokens = time.perf_counter(), self.trained_tokens * self.args.world_size
+            if "loss" in logs:  # Trainer logs on every rank, so the gather below is matched on all of them
+                tokens = self.trained_tokens
+                if self.args.world_size > 1:
+                    tokens = int(self.accelerator.gather(torch.tensor([tokens], device=self.args.device)).sum())
+                now = time.perf_counter()
                 t0, n0 = self._last_log
                 logs["tokens_per_second"] = round((tokens - n0) / max(now - t0, 1e-9), 1)
                 logs["num_tokens"] = tokens
@@ -1380,6 +1383,23 @@ def summarize_logs(history: list[dict]) -> dict:
     return {"train_loss": round(train[-1], 4) if train else None, "eval_loss": round(evals[-1], 4) if evals else None}
 
 
+def check_sharding(cfg: Config, device: str) -> None:
+    """FSDP and DeepSpeed are GPU engines: accelerate runs plain data parallel on CPUs, so say so rather than pretend."""
+    if cfg.deepspeed:
+        import importlib.util
+
+        if not Path(cfg.deepspeed).is_file():
+            raise UserError(f"deepspeed: config file not found: {cfg.deepspeed}")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("deepspeed is set but the deepspeed package is not installed: pip install deepspeed")
+    if (cfg.fsdp or cfg.deepspeed) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UserError("fsdp/deepspeed shard across processes: launch with torchrun --nproc_per_node N finetune.py "
+                        "(or accelerate launch finetune.py), or turn them off for a single process")
+    if (cfg.fsdp or cfg.deepspeed) and device == "cpu":
+        print("warning: fsdp/deepspeed shard across GPUs; on this CPU the run uses plain data parallel (DDP over gloo)",
+              file=sys.stderr)
+
+
 class Run(NamedTuple):
     trainer: Any
     tokenizer: Any
@@ -1397,6 +1417,7 @@ def prepare_trainer(cfg: Config) -> Run:
     check_output_dir(cfg)
     lock = lock_output_dir(Path(cfg.output_dir)) if is_main_process() else None
     device = pick_device()
+    check_sharding(cfg, device)
     precision = resolve_precision(cfg, device)
     tokenizer = load_tokenizer(cfg)
     train_rows, val_rows = load_dataset_splits(cfg)

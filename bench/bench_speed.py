@@ -115,8 +115,8 @@ def first_step_timer():
 
 
 def baseline_trainer(data: Path, out: Path, args: argparse.Namespace, use_cpu: bool):
-    """Plain TRL; returns (trainer, tokens trained after n steps). Tokens are counted in the collator, in the order the
-    batches are made; the data loader fetches one batch ahead, so only the first `global_step` counts were trained."""
+    """Plain TRL; returns (trainer, tokens trained so far). Tokens are counted in the collator, in the order the batches
+    are made; the data loader fetches a batch ahead, so only the first `global_step` batches were trained on."""
     import datasets
     import torch
     from peft import LoraConfig
@@ -156,7 +156,7 @@ def ours_trainer(data: Path, out: Path, args: argparse.Namespace):
 
 
 def log_every(steps: int) -> int:
-    """Four log lines per run: the last logged loss is then the mean of the final quarter, less noisy than one batch."""
+    """About four log lines per run: each logged loss is the mean since the previous log, less noisy than one batch."""
     return max(1, steps // 4)
 
 
