@@ -188,12 +188,13 @@ def check_keys(keys, where: str) -> None:
             raise UserError(f"{where}: unknown key {key!r}{hint}")
 
 
-def describe_validation_error(err: ValidationError, where: str) -> str:
+def describe_validation_error(err: ValidationError, where: str, overridden: set[str] = frozenset()) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "literal_error" or first["type"].endswith("_type") or first["type"].startswith("greater") or first["type"].startswith("less"):
+    if first["type"] not in ("value_error", "extra_forbidden", "missing"):
         msg = f"{msg} (got {first.get('input')!r})"
+    where = "command line" if key.split(".")[0] in overridden else where
     return f"{where}: {key}: {msg}" if key else f"{where}: {msg}"
 
 
@@ -202,6 +203,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
+        if file.is_dir():
+            raise UserError(f"--config {path} is a folder; pass the path of a YAML file")
         if not file.is_file():
             raise UserError(f"config file not found: {path} (pass --config PATH, or copy config.yml from the repository)")
         try:
@@ -216,14 +219,16 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             raise UserError(f"{path}: must be a mapping of key: value lines, got a {type(loaded).__name__}")
         data = loaded or {}
         check_keys(data, path)
+    overridden = set()
     for arg in overrides:
         key, value = parse_override(arg)
         check_keys([key], "command line")
         data[key] = value
+        overridden.add(key)
     try:
         return Config(**data)
     except ValidationError as e:
-        raise UserError(describe_validation_error(e, path or "config")) from None
+        raise UserError(describe_validation_error(e, path or "config", overridden)) from None
 
 
 def config_help() -> str:
@@ -249,6 +254,9 @@ def local_data_files(name: str) -> list[Path] | None:
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in DATA_BUILDERS)
+        odd = next((p for p in files if not p.is_file()), None)
+        if odd is not None:  # a folder or dead link named like data: skipping it would silently drop rows
+            raise UserError(f"dataset folder {name}: {odd.name} is not a readable file; move it out or fix it")
         if not files:
             raise UserError(f"dataset folder {name} holds no .jsonl/.json/.csv/.parquet file")
         if len({DATA_BUILDERS[p.suffix] for p in files}) > 1:
@@ -263,7 +271,11 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...] = ()) -> None:
     """datasets' JSON errors name neither file nor line, and a column of mixed types gets JSON-parsed into objects;
     this scan (constant memory) names the line of a broken row or of a text field that is not text."""
     rows = 0
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise UserError(f"dataset file {path}: cannot open it ({e.strerror})") from None
+    with f:
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -291,6 +303,7 @@ def read_rows(name: str, config_name: str | None = None, split: str = "train", t
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # its own "Failed to read ..." lines would precede our one-line error
     files = local_data_files(name)
     if files is None:
         try:
@@ -305,10 +318,11 @@ def read_rows(name: str, config_name: str | None = None, split: str = "train", t
     try:
         rows = datasets.load_dataset(DATA_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
     except Exception as e:
-        message = first_line(e)
+        message = first_line(e.__cause__ or e)  # datasets wraps the parser's own reason ("Expected 2 fields in line 9")
         if "corresponds to no data" in message:
             raise UserError(f"dataset {name} is empty: no rows") from None
-        raise UserError(f"dataset {name}: cannot read it ({message})") from None
+        kind = {"json": "JSON", "csv": "CSV", "parquet": "Parquet"}[DATA_BUILDERS[files[0].suffix]]
+        raise UserError(f"dataset {name}: cannot read it as {kind} ({message})") from None
     return rows
 
 
@@ -325,7 +339,7 @@ def data_format(columns: list[str], cfg: Config, where: str) -> str:
     if cfg.dataset_text_field in columns:
         return "text"
     raise UserError(
-        f"dataset {where}: rows have fields {sorted(columns)}, but training needs {cfg.prompt_field!r} + {cfg.completion_field!r}, "
+        f"dataset {where}: rows have fields {sorted(c for c in columns if c != ROW)}, but training needs {cfg.prompt_field!r} + {cfg.completion_field!r}, "
         f"{cfg.messages_field!r} or {cfg.dataset_text_field!r}; rename the fields or set prompt_field/completion_field/"
         f"messages_field/dataset_text_field")
 
@@ -1514,7 +1528,11 @@ def parse_args(argv: list[str]):
     import argparse
 
     commands = "\n".join(f"  {name:<10}{text}" for name, text in COMMANDS.items())
-    parser = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one `error:` line with exit 2, like every other user mistake
+            raise UserError(f"{message} (see python finetune.py --help)")
+
+    parser = Parser(
         prog="finetune.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="python finetune.py [command] [--config PATH] [options] [key=value ...]",
         description=f"Fine-tune a causal LLM (LoRA, QLoRA or full) as config.yml describes.\n\ncommands:\n{commands}",
@@ -1535,8 +1553,8 @@ def parse_args(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     """The command line; `argv` given means an in-process call (tests), which never re-executes the interpreter."""
     as_script = argv is None
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(args.config, args.overrides)
         if args.validate or args.command == "validate":
             validate_run(cfg)
