@@ -845,11 +845,10 @@ def make_stop_on_signal():
 
 
 def decide_gradient_checkpointing(cfg: Config, device: str) -> bool:
+    """auto: recompute activations only when the run would not fit in 90% of this machine's memory without it."""
     if cfg.gradient_checkpointing != "auto":
         return cfg.gradient_checkpointing
-    estimate = estimate_memory(cfg, load_model_config(cfg))
-    available = available_memory(device)
-    return estimate["total_no_checkpointing"] > 0.9 * available
+    return estimate_memory(cfg, load_model_config(cfg), False, device)["total"] > 0.9 * available_memory(device)
 
 
 def make_training_args(cfg: Config, precision: str, device: str, gradient_checkpointing: bool, has_eval: bool):
@@ -1241,44 +1240,105 @@ def available_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def estimate_memory(cfg: Config, model_config) -> dict:
-    """Bytes by component for a Llama-like decoder. Activations follow the layer shapes; the constants were measured
-    on this project's benchmarks (see README, Memory estimate)."""
+GiB = 2**30
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+              "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise UserError(f"--estimate: cannot read the budget {text!r}; write it like 24GiB, 16GB or 512MiB")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def estimate_memory(cfg: Config, model_config, gradient_checkpointing: bool, device: str = "cpu") -> dict[str, int]:
+    """Expected peak bytes of a training run, by component, for a Llama-like decoder, from its config alone.
+    Activation bytes per token and layer follow the layer shapes, scaled to peaks measured on this project's CPU runs
+    (bench/ and tests/test_estimate.py): LoRA over a 16-bit base; x1.58 for k-bit bases, whose embeddings and norms PEFT
+    keeps in fp32 (so the residual stream is fp32); x1.2 for full fine-tunes (fp32 master weights under autocast)."""
     c = model_config
     hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
-    inter = getattr(c, "intermediate_size", 4 * hidden)
+    inter = getattr(c, "intermediate_size", None) or 4 * hidden
     heads = c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", heads) * (hidden // heads)
-    linear_shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
-    per_layer = sum(i * o for i, o in linear_shapes)
-    linear = per_layer * layers
+    kv = (getattr(c, "num_key_value_heads", None) or heads) * (getattr(c, "head_dim", None) or hidden // heads)
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    linear = sum(i * o for i, o in shapes) * layers
     embed = vocab * hidden * (1 if getattr(c, "tie_word_embeddings", False) else 2)
-    half = 2 if cfg.precision != "fp32" else 4
+    quantized = cfg.load_in_4bit or cfg.load_in_8bit
+    half = 4 if cfg.precision == "fp32" else 2
     if cfg.load_in_4bit:
-        weights = linear * (0.5 + (0.127 if cfg.bnb_4bit_use_double_quant else 0.5) / 8) + embed * half
+        weights = linear * (0.5 + (0.127 if cfg.bnb_4bit_use_double_quant else 0.5) / 8) + embed * 4
     elif cfg.load_in_8bit:
-        weights = linear * 1.0 + embed * half
+        weights = linear * 1.0 + embed * 4
     else:
         weights = (linear + embed) * (half if cfg.use_peft else 4)
     if cfg.use_peft:
-        targeted = linear_shapes if cfg.peft_target_modules == "all-linear" else [
-            s for name, s in zip(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], linear_shapes)
-            if name in cfg.peft_target_modules]
+        targeted = shapes if cfg.peft_target_modules == "all-linear" else [s for n, s in zip(names, shapes) if n in cfg.peft_target_modules]
         trainable = sum(cfg.peft_lora_r * (i + o) for i, o in targeted) * layers
     else:
         trainable = linear + embed
     state_bytes = {"sgd": 0, "adafactor": 1, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2, "lion_8bit": 1}.get(cfg.optim, 8)
     tokens = cfg.batch_size * cfg.seq_length
-    act_per_token_layer = (6 * hidden + 2 * kv + 4 * inter) * 2 + (hidden * 4 if cfg.use_peft else 0)
-    activations_full = tokens * layers * act_per_token_layer
-    activations_ckpt = tokens * layers * hidden * 2 + tokens * act_per_token_layer
-    logits = min(tokens, 2**25 // vocab) * vocab * 4 * 3 + tokens * hidden * 4
-    runtime = 700 * 2**20  # the Python process with torch, transformers and trl imported
-    base = weights + trainable * 4 * 2 + trainable * state_bytes + logits + runtime
-    return {"weights": int(weights), "trainable_parameters": int(trainable), "adapter_and_gradients": int(trainable * 8),
-            "optimizer_states": int(trainable * state_bytes), "activations": int(activations_full),
-            "activations_checkpointed": int(activations_ckpt), "loss": int(logits), "runtime": runtime,
-            "total_no_checkpointing": int(base + activations_full), "total_checkpointing": int(base + activations_ckpt)}
+    per_token_layer = (16 * hidden + 8 * kv + 5 * inter) * half * (1.58 if quantized else 1.0 if cfg.use_peft else 1.2)
+    if gradient_checkpointing:  # layer inputs only, plus one layer's activations during its recompute
+        activations = tokens * layers * hidden * (4 if quantized else half) + tokens * per_token_layer
+    else:
+        activations = tokens * layers * per_token_layer
+    chunk_rows = min(tokens, 2**25 // vocab)
+    loss = chunk_rows * vocab * 4 * 3 + tokens * hidden * 4  # fp32 logit chunk, its softmax/grad, the hidden grad
+    runtime = int(1.2 * GiB) if device == "cpu" else GiB // 2  # Python + torch + libraries (RSS) / CUDA context
+    # LoRA parameters are fp32 beside the base (value + gradient); a full fine-tune's are the weights (gradient only)
+    parts = {"weights": weights, "trainable parameters + gradients": trainable * (8 if cfg.use_peft else 4),
+             "optimizer states": trainable * state_bytes,
+             "activations": activations, "loss (LM head chunks)": loss, "runtime": runtime}
+    parts = {k: int(v) for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def settings_that_fit(cfg: Config, model_config, budget: int, device: str) -> list[str]:
+    """Ways to fit the budget, cheapest change first: checkpointing, smaller batches with more accumulation, 4-bit."""
+    found = []
+    bases = [{}] + ([{"load_in_4bit": True, "load_in_8bit": False}] if cfg.use_peft and not cfg.load_in_4bit else [])
+    for base in bases:
+        for checkpointing in (False, True):
+            batch = cfg.batch_size
+            while batch >= 1:
+                change = {**base, "gradient_checkpointing": checkpointing, "batch_size": batch,
+                          "gradient_accumulation_steps": max(1, cfg.gradient_accumulation_steps * cfg.batch_size // batch)}
+                total = estimate_memory(cfg.model_copy(update=change), model_config, checkpointing, device)["total"]
+                if total <= budget:
+                    found.append(" ".join(f"{k}={str(v).lower()}" for k, v in change.items()) + f"  (~{gib(total)})")
+                    break
+                batch //= 2
+    return found
+
+
+def estimate_run(cfg: Config, budget: str | None) -> None:
+    """--estimate: print the expected peak memory of the configured run (no weights loaded), and what fits a budget."""
+    device = pick_device()
+    model_config = load_model_config(cfg)
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing != "auto" else decide_gradient_checkpointing(cfg, device)
+    parts = estimate_memory(cfg, model_config, checkpointing, device)
+    method = "QLoRA 4-bit" if cfg.load_in_4bit else "LoRA 8-bit" if cfg.load_in_8bit else "LoRA" if cfg.use_peft else "full fine-tune"
+    print(f"memory estimate: {cfg.model_name}, {method}, batch {cfg.batch_size} x {cfg.seq_length} tokens, "
+          f"gradient checkpointing {'on' if checkpointing else 'off'}, on {device}")
+    for name, value in parts.items():
+        print(f"  {name:<36}{gib(value):>12}")
+    if budget:
+        limit = parse_size(budget)
+        verdict = "fits" if parts["total"] <= limit else "does not fit"
+        print(f"budget {gib(limit)}: the configured run {verdict}")
+        options = settings_that_fit(cfg, model_config, limit, device)
+        print("settings that fit:" if options else "nothing fits: use a smaller model or a shorter seq_length")
+        for option in options:
+            print(f"  {option}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1539,6 +1599,8 @@ def parse_args(argv: list[str]):
         epilog="overrides: any config key as key=value, e.g. batch_size=4 max_steps=50\n\n" + config_help())
     parser.add_argument("--config", default="config.yml", help="config file (default: ./config.yml)")
     parser.add_argument("--validate", action="store_true", help="check config, dataset and model source; train nothing")
+    parser.add_argument("--estimate", nargs="?", const="", metavar="BUDGET",
+                        help="print the run's expected peak memory (no weights loaded); with a budget such as 24GiB, what fits")
     parser.add_argument("--model", help="eval/generate/merge/push: the saved folder (default: <output_dir>/final)")
     parser.add_argument("--prompt", action="append", default=[], help="generate: a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="generate: prompts, one per line or jsonl with a 'prompt' field")
@@ -1556,7 +1618,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(args.config, args.overrides)
-        if args.validate or args.command == "validate":
+        if args.estimate is not None:
+            estimate_run(cfg, args.estimate)
+        elif args.validate or args.command == "validate":
             validate_run(cfg)
         elif args.command == "eval":
             eval_run(cfg, saved_folder(cfg, args.model))
