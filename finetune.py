@@ -3,9 +3,11 @@
     python finetune.py                      # train with ./config.yml
     python finetune.py --config my.yml batch_size=4 max_steps=100
     python finetune.py --validate           # check config, data and model source; train nothing
-    python finetune.py eval | generate | merge   # use a finished run (see --help)
+    python finetune.py --estimate 24GiB     # expected peak memory, and what fits a budget
+    python finetune.py eval | generate | merge | push   # use a finished run (see --help)
 
-The file reads top to bottom like the pipeline: schema -> data -> model -> train -> evaluate -> save/push -> CLI.
+The file reads top to bottom like the pipeline: schema -> data -> model -> train -> evaluate -> save/push -> using a
+finished run -> memory estimate -> the run end to end -> CLI.
 Heavy libraries (torch, transformers, trl, peft, datasets) are imported inside the functions that need them, so that
 `--help` and config validation answer at once.
 """
@@ -16,7 +18,6 @@ import difflib
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -1342,7 +1343,7 @@ def estimate_run(cfg: Config, budget: str | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# CLI: train (default), eval, generate, merge, push; --validate and --estimate check without training.
+# Run: the output folder and its lock, checkpoints to resume, and the pipeline end to end.
 # ---------------------------------------------------------------------------------------------------------------------
 
 def is_main_process() -> bool:
@@ -1565,6 +1566,10 @@ def validate_run(cfg: Config) -> None:
     print(f"test rows scored by generation: {len(pairs)}")
     print(f"model source ok: {cfg.model_name}")
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI: train (default), eval, generate, merge, push; --validate and --estimate check without training.
+# ---------------------------------------------------------------------------------------------------------------------
 
 def maybe_reexec_with_fast_allocator() -> None:
     """glibc serves allocations over 32 MB with fresh mmap pages, so every large activation page-faults anew; keeping

@@ -5,8 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
+import annotated_types
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,3 +97,28 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def numeric_fields() -> dict[str, typing.Any]:
+    """Schema fields whose type is int or float (optionally None), read from Config."""
+    found = {}
+    for name, field in finetune.Config.model_fields.items():
+        types = set(typing.get_args(field.annotation) or [field.annotation]) - {type(None)}
+        if types and types <= {int, float}:
+            found[name] = field
+    return found
+
+
+def out_of_range_values(field) -> list:
+    """One value past each bound the schema declares for the field."""
+    values = []
+    for bound in field.metadata:
+        if isinstance(bound, annotated_types.Ge):
+            values.append(bound.ge - 1)
+        elif isinstance(bound, annotated_types.Gt):
+            values.append(bound.gt)
+        elif isinstance(bound, annotated_types.Le):
+            values.append(bound.le + 1)
+        elif isinstance(bound, annotated_types.Lt):
+            values.append(bound.lt)
+    return values

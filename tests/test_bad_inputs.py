@@ -17,17 +17,15 @@ import os
 import re
 import shutil
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import annotated_types
 import pytest
 import yaml
 
 import finetune
-from conftest import run_cli, write_jsonl
+from conftest import numeric_fields, out_of_range_values, run_cli, write_jsonl
 
 BIG = 20_000  # lines in the "large file" cases: the bad row sits in the middle, far from where a reader would look
 IGNORED = {".lock"}  # the run's lock file (finetune.lock_output_dir) is machinery, not a result of the old run
@@ -198,33 +196,12 @@ for _id, (_changes, _culprit) in CONTRADICTIONS.items():
 
 # --- every numeric key, from the schema: a string in the config file, each bound broken on the command line ---------
 
-def numeric_fields() -> dict:
-    found = {}
-    for name, info in finetune.Config.model_fields.items():
-        types = set(typing.get_args(info.annotation) or [info.annotation]) - {type(None)}
-        if types and types <= {int, float}:
-            found[name] = info
-    return found
-
-
-def out_of_range(info) -> list:
-    values = []
-    for bound in info.metadata:
-        if isinstance(bound, annotated_types.Ge):
-            values.append(bound.ge - 1)
-        elif isinstance(bound, annotated_types.Gt):
-            values.append(bound.gt)
-        elif isinstance(bound, annotated_types.Le):
-            values.append(bound.le + 1)
-        elif isinstance(bound, annotated_types.Lt):
-            values.append(bound.lt)
-    return values
 
 
 for _key, _info in numeric_fields().items():
     add(f"config-{_key}-not-a-number",
         lambda c, k=_key: Bad(["--config", p := c.config(**{k: "abc"})], rf"{re.escape(p)}: {k}: "))
-    for _value in out_of_range(_info):
+    for _value in out_of_range_values(_info):
         add(f"override-{_key}={_value}",
             lambda c, k=_key, v=_value: Bad(c.run(f"{k}={v}"), rf"\b{k}: .*got {re.escape(repr(v))}"))
 

@@ -10,12 +10,11 @@ import sys
 import typing
 from pathlib import Path
 
-import annotated_types
 import pytest
 import yaml
 
 import finetune
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, numeric_fields, out_of_range_values, write_jsonl
 
 CONFIG_YML = ROOT / "config.yml"
 
@@ -275,28 +274,6 @@ def test_unknown_key_on_command_line_names_key_and_closest_key(tmp_path):
     assert "command line" in message and "'lerning_rate'" in message and "did you mean 'learning_rate'?" in message
 
 
-def numeric_fields() -> dict[str, typing.Any]:
-    """Schema fields whose type is int or float (optionally None), read from Config."""
-    found = {}
-    for name, field in finetune.Config.model_fields.items():
-        types = set(typing.get_args(field.annotation) or [field.annotation]) - {type(None)}
-        if types and types <= {int, float}:
-            found[name] = field
-    return found
-
-
-def out_of_range_values(field) -> list:
-    values = []
-    for bound in field.metadata:
-        if isinstance(bound, annotated_types.Ge):
-            values.append(bound.ge - 1)
-        elif isinstance(bound, annotated_types.Gt):
-            values.append(bound.gt)
-        elif isinstance(bound, annotated_types.Le):
-            values.append(bound.le + 1)
-        elif isinstance(bound, annotated_types.Lt):
-            values.append(bound.lt)
-    return values
 
 
 def bad_numeric_values():
