@@ -143,3 +143,19 @@ def test_trust_remote_code_warns_naming_the_repository(make_cfg, capsys):
     finetune.load_base_model(cfg, "fp32", "cpu", attn=None)
     err = capsys.readouterr().err
     assert "trust_remote_code" in err and cfg.model_name in err
+
+
+def test_final_save_is_all_or_nothing(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg(max_steps=2, save_strategy="steps", save_steps=2)
+    final = finetune.run_training(cfg)
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    trainer, tokenizer, *_ = finetune.prepare_trainer(cfg.model_copy(update={"resume_from_checkpoint": "auto", "max_steps": 3}))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", disk_full)  # fails after the weights are written aside
+    with pytest.raises(OSError):
+        finetune.write_final(trainer, tokenizer, cfg, {"steps": 3})
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
