@@ -4,6 +4,7 @@ each rank training on its own share of the data. FSDP/DeepSpeed are passed throu
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,16 @@ def test_fsdp_and_deepspeed_settings_reach_the_trainer(make_cfg, tmp_path):
     assert not finetune.make_training_args(make_cfg(), "fp32", "cpu", False, False).fsdp
     with pytest.raises(ValueError, match="fsdp and deepspeed"):
         make_cfg(fsdp=True, deepspeed="ds.json")
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_same_file(make_cfg, tmp_path):
+    cfg = make_cfg(max_steps=2, output_dir=str(tmp_path / "run"))
+    config = tmp_path / "run.yml"
+    config.write_text(json.dumps(cfg.model_dump()))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
+                             "--config", str(config)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
