@@ -1519,7 +1519,7 @@ def prepare_trainer(cfg: Config) -> Run:
 def run_training(cfg: Config) -> Path:
     """The whole pipeline: prepare -> score the base -> train -> score the fine-tuned model -> save -> push."""
     started = time.time()
-    trainer, tokenizer, pairs, checkpoint, precision, fmt, _lock = prepare_trainer(cfg)
+    trainer, tokenizer, pairs, checkpoint, precision, fmt, _lock = prepare_trainer(cfg)  # _lock: held until we return
     stopper = make_stop_on_signal()
     trainer.add_callback(stopper)
     summary: dict[str, Any] = {"precision": precision, "data_format": fmt}

@@ -222,32 +222,23 @@ add("option-config-without-path", lambda c: Bad(["--config"], r"--config"))
 
 # --- data files of every supported format --------------------------------------------------------------------------
 
-@case("jsonl-broken-line-in-the-middle-of-20000")
-def _(c):
+# One bad line in the middle of a 20,000-line file: (its line number, its bytes, what the message must say of it)
+BAD_LINES = {
+    "broken-line": (BIG // 2 + 1, b'{"prompt": "half a row", "completion": ', r"JSON"),
+    "list-line": (12_345, b'["Say 1.", " 1"]', r"object.*list"),
+    "non-utf8-line": (15_001, '{"prompt": "caf\u00e9?", "completion": " yes"}'.encode("latin-1"), r"UTF-8"),
+    "number-completion": (10_000, b'{"prompt": "Say 2.", "completion": 2}', r"'completion'.*int"),
+}
+
+
+def big_file_with_bad_line(c, number: int, text: bytes, says: str) -> Bad:
     lines = json_lines(good_rows(BIG))
-    lines[BIG // 2] = b'{"prompt": "half a row", "completion": '
-    return c.data(c.file("big.jsonl", lines), rf"{{path}}:{BIG // 2 + 1}\b.*JSON")
+    lines[number - 1] = text
+    return c.data(c.file(f"big-{number}.jsonl", lines), rf"{{path}}:{number}\b.*{says}")
 
 
-@case("jsonl-list-line-in-the-middle-of-20000")
-def _(c):
-    lines = json_lines(good_rows(BIG))
-    lines[12_344] = b'["Say 1.", " 1"]'
-    return c.data(c.file("list.jsonl", lines), r"{path}:12345\b.*object.*list")
-
-
-@case("jsonl-non-utf8-line-in-the-middle-of-20000")
-def _(c):
-    lines = json_lines(good_rows(BIG))
-    lines[15_000] = '{"prompt": "caf\u00e9?", "completion": " yes"}'.encode("latin-1")
-    return c.data(c.file("latin1.jsonl", lines), r"{path}:15001\b.*UTF-8")
-
-
-@case("jsonl-number-completion-in-the-middle-of-20000")
-def _(c):
-    lines = json_lines(good_rows(BIG))
-    lines[9_999] = b'{"prompt": "Say 2.", "completion": 2}'
-    return c.data(c.file("types.jsonl", lines), r"{path}:10000\b.*'completion'.*int")
+for _id, (_number, _text, _says) in BAD_LINES.items():
+    add(f"jsonl-{_id}-in-the-middle-of-20000", lambda c, n=_number, t=_text, s=_says: big_file_with_bad_line(c, n, t, s))
 
 
 @case("jsonl-row-without-completion-in-the-middle")
