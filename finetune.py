@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -1124,13 +1125,20 @@ def load_finetuned(cfg: Config, folder: Path):
     return model, tokenizer
 
 
-def score_base(cfg: Config, model, tokenizer, pairs) -> dict:
-    """The base model's scores: the adapter switched off, or (for a full fine-tune) the base loaded beside it."""
+@contextmanager
+def base_model(cfg: Config, model):
+    """The base model beside a saved run: its adapter switched off, or (for a full fine-tune) the base loaded again."""
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            return evaluate_generation(model, tokenizer, pairs, cfg)[0]
-    base = load_base_model(cfg, resolve_precision(cfg, pick_device()), pick_device(), attn=None)
-    return evaluate_generation(base.to(pick_device()), tokenizer, pairs, cfg)[0]
+            yield model
+    else:
+        device = pick_device()
+        yield load_base_model(cfg, resolve_precision(cfg, device), device, attn=None).to(device)
+
+
+def saved_summary(folder: Path) -> dict:
+    """A saved run's eval.json (scores, steps, data format), or {} when it has none."""
+    return json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
 
 
 def eval_run(cfg: Config, folder: Path) -> dict:
@@ -1140,9 +1148,10 @@ def eval_run(cfg: Config, folder: Path) -> dict:
     pairs = test_pairs(load_test_rows(cfg, val_rows), tokenizer, cfg)
     if not pairs:
         raise UserError("nothing to score: set test_dataset to a prompt/completion or messages file, or validation_split > 0")
-    summary = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
+    summary = saved_summary(folder)
     if cfg.eval_before:
-        summary["base"] = score_base(cfg, model, tokenizer, pairs)
+        with base_model(cfg, model) as base:
+            summary["base"] = evaluate_generation(base, tokenizer, pairs, cfg)[0]
     summary["fine_tuned"], samples = evaluate_generation(model, tokenizer, pairs, cfg)
     summary["wrong"] = [s for s in samples if not s["exact"]]
     (folder / "eval.json").write_text(json.dumps(summary, indent=2))
@@ -1150,14 +1159,14 @@ def eval_run(cfg: Config, folder: Path) -> dict:
     return summary
 
 
-def model_prompt(text: str, tokenizer, folder: Path) -> str:
-    """A user's prompt as the model was trained to see it: through the chat template when it learned from chat
+def model_prompts(texts: list[str], tokenizer, folder: Path) -> list[str]:
+    """Users' prompts as the model was trained to see them: through the chat template when it learned from chat
     messages (or nothing else is known and the model has a template), raw when it learned from raw prompts."""
-    summary = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
-    chat = summary.get("data_format", "messages") == "messages" and getattr(tokenizer, "chat_template", None)
+    chat = saved_summary(folder).get("data_format", "messages") == "messages" and getattr(tokenizer, "chat_template", None)
     if not chat:
-        return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return list(texts)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+            for t in texts]
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
@@ -1178,16 +1187,12 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
 def generate_run(cfg: Config, folder: Path, prompts: list[str], compare: bool) -> list[dict]:
     """`generate`: greedy answers of the fine-tuned model, and with --compare of the base model beside them."""
     model, tokenizer = load_finetuned(cfg, folder)
-    texts = [model_prompt(p, tokenizer, folder) for p in prompts]
+    texts = model_prompts(prompts, tokenizer, folder)
     tuned = generate_answers(model, tokenizer, texts, cfg.eval_max_new_tokens)
     base = [None] * len(texts)
     if compare:
-        if hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                base = generate_answers(model, tokenizer, texts, cfg.eval_max_new_tokens)
-        else:
-            base_model = load_base_model(cfg, resolve_precision(cfg, pick_device()), pick_device(), attn=None)
-            base = generate_answers(base_model.to(pick_device()), tokenizer, texts, cfg.eval_max_new_tokens)
+        with base_model(cfg, model) as reference:
+            base = generate_answers(reference, tokenizer, texts, cfg.eval_max_new_tokens)
     results = [{"prompt": p, "fine_tuned": t, "base": b} for p, t, b in zip(prompts, tuned, base)]
     for r in results:
         print(f"### prompt\n{r['prompt']}")
@@ -1371,9 +1376,8 @@ def lock_output_dir(out: Path):
     return handle
 
 
-def check_output_dir(cfg: Config) -> bool:
-    """Refuse to mix runs: an output_dir holding another run's results needs overwrite_output_dir or a resume.
-    Returns whether the folder is in use."""
+def check_output_dir(cfg: Config) -> None:
+    """Refuse to mix runs: an output_dir holding another run's results needs overwrite_output_dir or a resume."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file; pick a folder name")
@@ -1381,7 +1385,6 @@ def check_output_dir(cfg: Config) -> bool:
     if used and not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
         raise UserError(f"output_dir {out} already holds a run; set resume_from_checkpoint: auto to continue it, "
                         f"overwrite_output_dir: true to replace it, or choose another output_dir")
-    return used
 
 
 def clear_output_dir(cfg: Config) -> None:
@@ -1572,12 +1575,15 @@ def validate_run(cfg: Config) -> None:
 # CLI: train (default), eval, generate, merge, push; --validate and --estimate check without training.
 # ---------------------------------------------------------------------------------------------------------------------
 
+FAST_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
 def maybe_reexec_with_fast_allocator() -> None:
     """glibc serves allocations over 32 MB with fresh mmap pages, so every large activation page-faults anew; keeping
     freed memory in the heap made elementwise passes ~2.5x faster on CPU. The setting must exist at process start."""
     if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("FINETUNE_NO_REEXEC"):
         return
-    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736")
+    env = dict(os.environ, GLIBC_TUNABLES=FAST_ALLOCATOR)
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
