@@ -2,23 +2,28 @@
 
     python finetune.py                      # train with ./config.yml
     python finetune.py --config my.yml batch_size=4 max_steps=100
-    python finetune.py --validate           # check config, data and model source; train nothing
+    python finetune.py --validate           # every check a run makes before its first step; trains nothing
     python finetune.py --estimate 24GiB     # expected peak memory, and what fits a budget
-    python finetune.py eval | generate | merge | push   # use a finished run (see --help)
+    python finetune.py eval | generate | merge | export | push     # act on a finished run (see --help)
 
-The file reads top to bottom like the pipeline: schema -> data -> model -> train -> evaluate -> save/push -> using a
-finished run -> memory estimate -> the run end to end -> CLI.
+The file tells its story first: the schema, then the run end to end, then its stages in order (data -> model ->
+train -> evaluate -> save and push), then appendices: A. finished-run commands, B. GGUF export, C. memory estimate,
+D. output-folder safety, E. command line.
 Heavy libraries (torch, transformers, trl, peft, datasets) are imported inside the functions that need them, so that
 `--help` and config validation answer at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -32,12 +37,11 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-# Third-party noise with nothing for our users to act on: bitsandbytes' optional Hub kernel (out of reach offline) and
-# 8-bit matmuls announcing their input casts.
+# Third-party noise with nothing for our users to act on: bitsandbytes' optional Hub kernel (out of reach offline),
+# 8-bit matmuls announcing their input casts, and a peft 0.21 deprecation under transformers 5.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # peft 0.21 on transformers 5
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
 class UserError(Exception):
@@ -52,98 +56,181 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Schema: every option, its type, default and one-line description. config.yml documents the same keys in this order.
-# ---------------------------------------------------------------------------------------------------------------------
+# =====================================================================================================================
+# Schema: every option with its type, default and one-line description; config.yml documents the same keys in order.
+# =====================================================================================================================
 
 OPTIMIZERS = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_bnb_8bit", "paged_adamw_8bit",
                      "paged_adamw_32bit", "lion_8bit"]
 SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                      "inverse_sqrt"]
+GGUF_TYPES = Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 EMBEDDED_MODEL = "models/SmolLM2-135M-Instruct"
+FIELD_KEYS = ("prompt_field", "completion_field", "messages_field", "dataset_text_field")
+
+
+class DatasetEntry(BaseModel):
+    """One dataset of a list: where its rows come from, its share of the training mix and its own field names."""
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    name: str = Field(description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or folder of them.")
+    weight: float | None = Field(None, ge=0, description=(
+        "Its share of the training examples, relative to the other entries' weights (null on every entry: each "
+        "in proportion to its rows)."))
+    split: str | None = Field(None, description="Split to read (default: dataset_split; for test_dataset: test on "
+                                                "the Hub, the only split of a local file).")
+    config: str | None = Field(None, description="Hub dataset configuration (default: dataset_config).")
+    prompt_field: str | None = Field(None, description="Its prompt column (default: prompt_field).")
+    completion_field: str | None = Field(None, description="Its completion column (default: completion_field).")
+    messages_field: str | None = Field(None, description="Its chat messages column (default: messages_field).")
+    dataset_text_field: str | None = Field(None, description="Its plain text column (default: dataset_text_field).")
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
     # model
     model_name: str = Field(EMBEDDED_MODEL, description="Hub id, local model folder or local .gguf file to fine-tune.")
-    trust_remote_code: bool = Field(False, description="Run Python code shipped in the model repository (only for repositories you trust).")
-    use_auth_token: bool = Field(False, description="Send HF_TOKEN from the environment when downloading models and datasets.")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Compute precision: auto picks bf16 where the hardware supports it, else fp16 on GPU, else fp32.")
-    load_in_8bit: bool = Field(False, description="Load the base model in 8-bit with bitsandbytes (LoRA on top; needs use_peft).")
-    load_in_4bit: bool = Field(False, description="Load the base model in 4-bit with bitsandbytes, i.e. QLoRA (needs use_peft).")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (normal float, the QLoRA default) or fp4.")
-    bnb_4bit_use_double_quant: bool = Field(True, description="Also quantize the 4-bit quantization constants (saves ~0.4 bit per parameter).")
-    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Dtype the 4-bit layers compute in; auto follows precision.")
+    trust_remote_code: bool = Field(False, description=(
+        "Run Python code shipped in the model repository (only for repositories you trust)."))
+    use_auth_token: bool = Field(False, description=(
+        "Send HF_TOKEN from the environment when downloading models and datasets."))
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
+        "Compute precision: auto picks bf16 where the hardware has bf16 units (recent GPUs; CPUs with AVX512-BF16 or "
+        "AMX), else fp16 on GPU, else fp32."))
+    load_in_8bit: bool = Field(False, description="Load the base model in 8-bit with bitsandbytes (LoRA on top; "
+                                                  "needs use_peft).")
+    load_in_4bit: bool = Field(False, description="Load the base model in 4-bit with bitsandbytes, i.e. QLoRA "
+                                                  "(needs use_peft).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description=(
+        "4-bit data type: nf4 (normal float, the QLoRA default) or fp4."))
+    bnb_4bit_use_double_quant: bool = Field(True, description=(
+        "Also quantize the 4-bit quantization constants (saves ~0.4 bit per parameter)."))
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description=(
+        "Dtype the 4-bit layers compute in; auto follows precision."))
     use_peft: bool = Field(True, description="Train LoRA adapters (PEFT) instead of all weights.")
-    peft_lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank (seed 004 uses 32).")
-    peft_lora_alpha: int = Field(32, ge=1, description="LoRA scale numerator: updates are scaled by alpha / r (seed 004 uses 16).")
-    peft_lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (seed 004 uses 0.05; any dropout costs ~20% speed on CPU).")
-    peft_target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description="Modules that get LoRA adapters: all-linear, or a list of names such as [q_proj, v_proj].")
+    peft_lora_r: int = Field(16, ge=1, le=1024, description=(
+        "LoRA rank (common hosted fine-tuning services use 32)."))
+    peft_lora_alpha: int = Field(32, ge=1, description=(
+        "LoRA scale numerator: updates are scaled by alpha / r (common hosted services use 16)."))
+    peft_lora_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "Dropout on the LoRA input (common hosted services use 0.05; any dropout costs ~20% speed on CPU)."))
+    peft_target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description=(
+        "Modules that get LoRA adapters: all-linear, or a list of names such as [q_proj, v_proj]."))
+    use_dora: bool = Field(False, description=(
+        "Train DoRA adapters (weight-decomposed LoRA): often better at the same rank, slower per step."))
+    use_rslora: bool = Field(False, description=(
+        "Scale LoRA updates by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA), so high ranks learn."))
 
     # data
-    dataset_name: str = Field("data/demo_train.jsonl", description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or folder of them.")
+    dataset_name: str | list[str | DatasetEntry] | None = Field(None, description=(
+        "Training data: a Hub dataset id or a local .jsonl/.json/.csv/.parquet file or folder, or a list of them, "
+        "each a name or {name, weight, split, config, *_field}."))
     dataset_config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
     dataset_split: str = Field("train", description="Split of the dataset to train on.")
-    dataset_text_field: str = Field("text", description="Column with plain text, for datasets without prompt/completion or messages.")
+    dataset_text_field: str = Field("text", description=(
+        "Column with plain text, for datasets without prompt/completion or messages."))
     prompt_field: str = Field("prompt", description="Column with the prompt, for prompt/completion datasets.")
-    completion_field: str = Field("completion", description="Column with the expected completion, for prompt/completion datasets.")
-    messages_field: str = Field("messages", description="Column with chat messages ([{role, content}, ...]), rendered with the tokenizer's chat template.")
-    validation_split: float = Field(0.1, ge=0, le=0.5, description="Fraction of the training rows held out for validation loss (0 = no validation).")
-    test_dataset: str | None = Field("data/demo_test.jsonl", description="Held-out prompt/completion file scored by generation; null = use the validation rows.")
+    completion_field: str = Field("completion", description=(
+        "Column with the expected completion, for prompt/completion datasets."))
+    messages_field: str = Field("messages", description=(
+        "Column with chat messages ([{role, content}, ...]), always rendered with the tokenizer's chat template."))
+    prompt_format: Literal["auto", "chat", "raw"] = Field("auto", description=(
+        "How prompt/completion rows are shown to the model, in training and in every later use: chat (a user turn and "
+        "the assistant's reply, in the chat template), raw (prompt text, then completion) or auto (chat if the "
+        "tokenizer has a chat template)."))
+    system_prompt: str | None = Field(None, description=(
+        "System message that opens every conversation in chat format (null = none, or the template's own)."))
+    validation_split: float = Field(0.1, ge=0, le=0.5, description=(
+        "Fraction of each dataset's rows held out for validation loss (0 = no validation)."))
+    test_dataset: str | list[str | DatasetEntry] | None = Field(None, description=(
+        "Rows scored by generation before and after training: a file, Hub id (its test split) or list, as "
+        "dataset_name; null = the validation rows."))
     seq_length: int = Field(512, ge=8, le=1_048_576, description="Maximum tokens per example.")
-    long_examples: Literal["truncate", "drop"] = Field("truncate", description="What to do with examples longer than seq_length: truncate (keep the start) or drop; the count is reported.")
-    prompt_loss_weight: float = Field(0.0, ge=0, le=1, description="Weight of prompt tokens in the loss relative to completion tokens (0 = completion only, 1 = all alike).")
+    long_examples: Literal["truncate", "drop"] = Field("truncate", description=(
+        "What to do with examples longer than seq_length: truncate (keep the start) or drop; the count is reported."))
+    prompt_loss_weight: float = Field(0.0, ge=0, le=1, description=(
+        "Weight of prompt tokens in the loss relative to completion tokens (0 = completion only, 1 = all alike)."))
 
     # training
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate of the optimizer.")
     batch_size: int = Field(8, ge=1, le=65_536, description="Examples per forward/backward pass (per device).")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=65_536, description="Passes whose gradients are summed before each optimizer step.")
-    num_train_epochs: float = Field(3.0, ge=0, description="Passes over the training data (ignored when max_steps > 0).")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65_536, description=(
+        "Passes whose gradients are summed before each optimizer step."))
+    num_train_epochs: float = Field(3.0, ge=0, description=(
+        "Passes over the training data (ignored when max_steps > 0)."))
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to train; -1 = use num_train_epochs.")
     lr_scheduler_type: SCHEDULERS = Field("cosine", description="Learning-rate schedule after warmup.")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming the learning rate up from 0.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description=(
+        "Fraction of the steps spent warming the learning rate up from 0."))
     weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay of the optimizer.")
     optim: OPTIMIZERS = Field("adamw_torch", description="Optimizer (the *_8bit ones need bitsandbytes).")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 = no clipping).")
-    seed: int = Field(42, ge=0, description="Random seed for LoRA init, data split and data order.")
-    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="Recompute activations in backward to save memory; auto turns it on only when the estimate does not fit.")
-    gradient_checkpointing_kwargs: dict[str, Any] = Field({"use_reentrant": False}, description="Keyword arguments for torch.utils.checkpoint.")
+    seed: int = Field(42, ge=0, description="Random seed for LoRA init, data split, dataset mixing and data order.")
+    neftune_noise_alpha: float | None = Field(None, gt=0, description=(
+        "Add NEFTune noise of this scale to the input embeddings while training (null = off; 5 is common)."))
+    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description=(
+        "Recompute activations in backward to save memory; auto turns it on only when the estimate does not fit."))
+    gradient_checkpointing_kwargs: dict[str, Any] = Field({"use_reentrant": False}, description=(
+        "Keyword arguments for torch.utils.checkpoint."))
 
     # evaluation, logging, checkpoints
-    eval_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="When to compute validation loss and token accuracy.")
-    eval_steps: int | None = Field(None, ge=1, description="Steps between evaluations with eval_strategy: steps (null = logging_steps).")
-    eval_before: bool = Field(True, description="Also score the base model on the test rows before training, for the base vs fine-tuned table.")
+    eval_strategy: Literal["steps", "epoch", "no"] = Field("steps", description=(
+        "When to compute validation loss and token accuracy."))
+    eval_steps: int | None = Field(None, ge=1, description=(
+        "Steps between evaluations with eval_strategy: steps (null = about 10 evaluations per run)."))
+    eval_before: bool = Field(True, description=(
+        "Also score the base model on the test rows before training, for the base vs fine-tuned table."))
+    eval_max_examples: int = Field(100, ge=1, description=(
+        "Most test rows scored by generation before and after training (the first ones; the count is printed)."))
     eval_max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens to generate per test prompt when scoring.")
-    logging_steps: int = Field(10, ge=1, description="Steps between log lines (loss, learning rate, grad norm, tokens per second).")
+    early_stopping_patience: int | None = Field(None, ge=1, description=(
+        "Stop when validation loss has not improved for this many evaluations (null = never stop early)."))
+    early_stopping_threshold: float = Field(0.0, ge=0, description=(
+        "Smallest fall in validation loss that counts as an improvement for early stopping."))
+    load_best_model_at_end: bool = Field(False, description=(
+        "End with the weights of the evaluation with the lowest validation loss (a checkpoint is saved at each)."))
+    logging_steps: int = Field(10, ge=1, description=(
+        "Steps between log lines (loss, learning rate, grad norm, tokens per second)."))
     save_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="When to write a resumable checkpoint.")
     save_steps: int = Field(100, ge=1, description="Steps between checkpoints with save_strategy: steps.")
-    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints to keep; older ones are deleted (null = keep all).")
-    report_to: Literal["none", "wandb", "tensorboard", "all"] = Field("none", description="Where to send metrics besides the console and metrics.jsonl.")
-    run_name: str | None = Field(None, description="Run name shown in wandb / tensorboard (default: the output folder name).")
+    save_total_limit: int | None = Field(2, ge=1, description=(
+        "Checkpoints to keep; older ones are deleted, never the best (null = keep all)."))
+    report_to: Literal["none", "wandb", "tensorboard", "all"] = Field("none", description=(
+        "Where to send metrics besides the console and metrics.jsonl."))
+    run_name: str | None = Field(None, description="Run name shown in wandb / tensorboard (default: the output folder "
+                                                   "name).")
 
     # output
-    output_dir: str = Field("output", description="Folder for checkpoints and the final model (in <output_dir>/final).")
-    overwrite_output_dir: bool = Field(False, description="Allow starting a new run in an output_dir that holds another run's results (deletes them).")
-    resume_from_checkpoint: str | None = Field(None, description="Continue a run: auto (newest checkpoint in output_dir) or a checkpoint folder.")
-    push_to_hub: bool = Field(False, description="Upload the final model to the Hugging Face Hub (token from HF_TOKEN).")
+    output_dir: str = Field("output", description=(
+        "Folder of the run: the final model at its root, checkpoint-N folders beside it."))
+    overwrite_output_dir: bool = Field(False, description=(
+        "Allow starting a new run in an output_dir that holds another run's results (deletes them)."))
+    resume_from_checkpoint: str | None = Field(None, description=(
+        "Continue a run: auto (newest complete checkpoint in output_dir) or a checkpoint folder."))
+    push_to_hub: bool = Field(False, description=(
+        "Upload the final model to the Hugging Face Hub (token from HF_TOKEN)."))
     hub_model_id: str | None = Field(None, description="Hub repository to push to, as user/name.")
     hub_private_repo: bool = Field(True, description="Create the Hub repository as private.")
-    fsdp: bool = Field(False, description="Shard weights, gradients and optimizer states across processes with FSDP (options in fsdp_config).")
-    fsdp_config: dict[str, Any] | None = Field(None, description="FSDP options passed to the HF Trainer, e.g. {transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}.")
-    deepspeed: str | None = Field(None, description="DeepSpeed ZeRO config file (json) passed to the HF Trainer; needs the deepspeed package.")
-    merge_adapter: bool = Field(False, description="After training, also write <output_dir>/merged: the adapter merged into a 16-bit copy of the base.")
+    fsdp: bool = Field(False, description=(
+        "Shard weights, gradients and optimizer states across processes with FSDP (options in fsdp_config)."))
+    fsdp_config: dict[str, Any] | None = Field(None, description=(
+        "FSDP options passed to the HF Trainer, e.g. {transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}."))
+    deepspeed: str | None = Field(None, description=(
+        "DeepSpeed ZeRO config file (json) passed to the HF Trainer; needs the deepspeed package."))
+    merge_adapter: bool = Field(False, description=(
+        "After training, also write <output_dir>/merged: the adapter merged into a 16-bit copy of the base."))
+    export_gguf: GGUF_TYPES | None = Field(None, description=(
+        "After training, also write <output_dir>/gguf/: one GGUF file of this type for llama.cpp and Ollama, with an "
+        "Ollama Modelfile (null = no export)."))
 
     @model_validator(mode="before")
     @classmethod
     def _no_bool_numbers(cls, values):
-        # pydantic reads true as 1 for numbers; in a config that is always a slip, e.g. `learning_rate: yes`
         if isinstance(values, dict):
             for key, value in values.items():
-                field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field is not None and {int, float} & set(getattr(field.annotation, "__args__", (field.annotation,))):
-                    raise ValueError(f"{key}: expected a number, got {value!r}")
+                if key in cls.model_fields:
+                    refuse_bool_number(key, value, cls.model_fields[key])
         return values
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
@@ -151,87 +238,157 @@ class Config(BaseModel):
     def _yaml_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
+    @field_validator("dataset_name", "test_dataset", mode="before")
+    @classmethod
+    def _dataset_list(cls, value, info):
+        return value if value is None or isinstance(value, str) else dataset_list(value, info.field_name)
+
     @model_validator(mode="after")
     def _no_contradictions(self) -> Config:
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("load_in_4bit and load_in_8bit are both true: pick one")
-        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
-            raise ValueError("a quantized model can only be trained with LoRA: set use_peft: true, or turn off load_in_4bit/load_in_8bit")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ValueError("nothing to train: set num_train_epochs > 0 or max_steps > 0")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("push_to_hub needs hub_model_id (user/name)")
-        if self.eval_strategy != "no" and self.validation_split == 0:
-            raise ValueError("eval_strategy needs validation rows: set validation_split > 0 or eval_strategy: no")
-        if self.resume_from_checkpoint and self.overwrite_output_dir:
-            raise ValueError("resume_from_checkpoint and overwrite_output_dir contradict each other: pick one")
-        if self.fsdp and self.deepspeed:
-            raise ValueError("fsdp and deepspeed are both set: pick one")
-        if isinstance(self.peft_target_modules, list) and not self.peft_target_modules:
-            raise ValueError("peft_target_modules is empty: use all-linear or name at least one module")
+        evaluating = self.eval_strategy != "no"
+        refusals = [
+            (self.load_in_4bit and self.load_in_8bit, "load_in_4bit and load_in_8bit are both true: pick one"),
+            ((self.load_in_4bit or self.load_in_8bit) and not self.use_peft,
+             "a quantized model can only be trained with LoRA: set use_peft: true, or turn off load_in_4bit/8bit"),
+            ((self.use_dora or self.use_rslora) and not self.use_peft,
+             "use_dora and use_rslora are kinds of LoRA: set use_peft: true, or turn them off"),
+            (self.max_steps <= 0 and self.num_train_epochs <= 0,
+             "nothing to train: set num_train_epochs > 0 or max_steps > 0"),
+            (self.push_to_hub and not self.hub_model_id, "push_to_hub needs hub_model_id (user/name)"),
+            (evaluating and self.validation_split == 0,
+             "eval_strategy needs validation rows: set validation_split > 0 or eval_strategy: no"),
+            ((self.early_stopping_patience or self.load_best_model_at_end) and not evaluating,
+             "early_stopping_patience and load_best_model_at_end need evaluations: set eval_strategy: steps and "
+             "validation_split > 0"),
+            (self.load_best_model_at_end and self.save_strategy == "no",
+             "load_best_model_at_end keeps the best checkpoint: set save_strategy: steps, not no"),
+            (self.load_best_model_at_end and evaluating and self.save_strategy != self.eval_strategy,
+             "load_best_model_at_end saves at each evaluation: set save_strategy and eval_strategy to the same value"),
+            (self.system_prompt is not None and self.prompt_format == "raw",
+             "system_prompt is a chat turn: set prompt_format: chat (or auto), or remove system_prompt"),
+            (bool(self.resume_from_checkpoint) and self.overwrite_output_dir,
+             "resume_from_checkpoint and overwrite_output_dir contradict each other: pick one"),
+            (self.fsdp and bool(self.deepspeed), "fsdp and deepspeed are both set: pick one"),
+            (self.peft_target_modules == [], "peft_target_modules is empty: use all-linear or name at least one"),
+        ]
+        for refused, message in refusals:
+            if refused:
+                raise ValueError(message)
+        tests = self.test_dataset if isinstance(self.test_dataset, list) else []
+        if any(getattr(entry, "weight", None) is not None for entry in tests):
+            raise ValueError("test_dataset: weight mixes training data only; remove it from the test entries")
         return self
 
 
-def parse_override(arg: str) -> tuple[str, Any]:
-    """`key=value` from the command line; the value is read as YAML, so 3 is an int and [a, b] a list."""
-    if "=" not in arg:
-        raise UserError(f"unexpected argument {arg!r}: overrides are key=value, e.g. batch_size=4")
-    key, _, raw = arg.partition("=")
-    try:
-        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        return key.strip(), raw
+def refuse_bool_number(key: str, value: Any, field) -> None:
+    """pydantic reads true as 1 for numbers; in a config that is always a slip, e.g. `learning_rate: yes`."""
+    kinds = set(getattr(field.annotation, "__args__", (field.annotation,)))
+    if isinstance(value, bool) and {int, float} & kinds:
+        raise ValueError(f"{key}: expected a number, got {value!r}")
 
 
-def check_keys(keys, where: str) -> None:
-    for key in keys:
-        if key not in Config.model_fields:
-            close = difflib.get_close_matches(str(key), Config.model_fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else " (see python finetune.py --help for the keys)"
-            raise UserError(f"{where}: unknown key {key!r}{hint}")
+def did_you_mean(key: Any, known) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def describe_validation_error(err: ValidationError, where: str, overridden: set[str] = frozenset()) -> str:
+def dataset_list(value: Any, key: str) -> list:
+    """A list of datasets, each a name or a DatasetEntry; a mistake names the entry by its position and name."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a dataset name or a non-empty list of them, got {value!r}")
+    entries = []
+    for position, item in enumerate(value, 1):
+        if isinstance(item, str):
+            entries.append(item)
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError(f"entry {position}: expected a name or a mapping with a name, got {item!r}")
+        where = f"entry {position} ({item['name']})"
+        for field_name, field_value in item.items():
+            if field_name not in DatasetEntry.model_fields:
+                hint = did_you_mean(field_name, DatasetEntry.model_fields)
+                raise ValueError(f"{where}: unknown key {field_name!r}{hint}; an entry takes "
+                                 f"{', '.join(DatasetEntry.model_fields)}")
+            refuse_bool_number(f"{where}: {field_name}", field_value, DatasetEntry.model_fields[field_name])
+        try:
+            entries.append(DatasetEntry(**item))
+        except ValidationError as e:
+            raise ValueError(f"{where}: {describe_validation_error(e)}") from None
+    weights = [e.weight for e in entries if isinstance(e, DatasetEntry) and e.weight is not None]
+    if weights and len(weights) != len(entries):
+        raise ValueError("set a weight on every entry or on none (then each counts in proportion to its rows)")
+    if weights and not any(weights):
+        raise ValueError("every weight is 0: give at least one entry a weight above 0")
+    return entries
+
+
+def describe_validation_error(err: ValidationError, overridden: frozenset[str] = frozenset(), where: str = "") -> str:
+    """pydantic's first complaint as `where: key: what is wrong (got value)`; a key set on the command line says so."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] not in ("value_error", "extra_forbidden", "missing"):
         msg = f"{msg} (got {first.get('input')!r})"
     where = "command line" if key.split(".")[0] in overridden else where
-    return f"{where}: {key}: {msg}" if key else f"{where}: {msg}"
+    return ": ".join(part for part in (where, key, msg) if part)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The key: value mapping of a YAML config file; a missing file, bad YAML or unknown key is a UserError."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"--config {path} is a folder; pass the path of a YAML file")
+    if not file.is_file():
+        raise UserError(f"config file not found: {path} (pass --config PATH, or copy config.yml from the repository)")
+    try:
+        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or e
+        raise UserError(f"{path}:{line} is not valid YAML ({problem}); fix the syntax") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserError(f"{path}: must be a mapping of key: value lines, got a {type(loaded).__name__}")
+    check_keys(loaded or {}, path)
+    return loaded or {}
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`key=value` arguments; each value is read as YAML, so 3 is an int and [a, b] a list."""
+    values = {}
+    for arg in args:
+        if "=" not in arg:
+            raise UserError(f"unexpected argument {arg!r}: overrides are key=value, e.g. batch_size=4")
+        key, _, raw = (part.strip() for part in arg.partition("="))
+        check_keys([key], "command line")
+        try:
+            values[key] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            values[key] = raw
+    return values
+
+
+def check_keys(keys, where: str) -> None:
+    for key in keys:
+        if key not in Config.model_fields:
+            hint = did_you_mean(key, Config.model_fields) or " (see python finetune.py --help for the keys)"
+            raise UserError(f"{where}: unknown key {key!r}{hint}")
+
+
+def make_config(values: dict[str, Any], where: str, overridden: frozenset[str] = frozenset()) -> Config:
+    try:
+        return Config(**values)
+    except ValidationError as e:
+        raise UserError(describe_validation_error(e, overridden, where)) from None
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """config.yml plus key=value overrides, validated; any mistake is a UserError naming the key or line."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if file.is_dir():
-            raise UserError(f"--config {path} is a folder; pass the path of a YAML file")
-        if not file.is_file():
-            raise UserError(f"config file not found: {path} (pass --config PATH, or copy config.yml from the repository)")
-        try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"{path}:{line} is not valid YAML ({getattr(e, 'problem', None) or e}); fix the syntax") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"{path}: must be a mapping of key: value lines, got a {type(loaded).__name__}")
-        data = loaded or {}
-        check_keys(data, path)
-    overridden = set()
-    for arg in overrides:
-        key, value = parse_override(arg)
-        check_keys([key], "command line")
-        data[key] = value
-        overridden.add(key)
-    try:
-        return Config(**data)
-    except ValidationError as e:
-        raise UserError(describe_validation_error(e, path or "config", overridden)) from None
+    """config.yml (when a path is given) plus key=value overrides, validated; a mistake names the key or line."""
+    command_line = parse_overrides(list(overrides))
+    values = {**(read_config_file(path) if path is not None else {}), **command_line}
+    return make_config(values, path or "config", frozenset(command_line))
 
 
 def config_help() -> str:
@@ -241,11 +398,260 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Data: load rows from a file, folder or Hub id, find their format, tokenize with per-token loss weights.
-# ---------------------------------------------------------------------------------------------------------------------
+def config_schema() -> dict:
+    """The JSON schema of config.yml, for editors: every key with its description, default, choices and bounds."""
+    schema = Config.model_json_schema()
+    schema["title"] = "finetune.py config.yml"
+    return schema
+
+
+# =====================================================================================================================
+# The run end to end: settings decided once (the plan), every check before the first step, then train, score, save.
+# =====================================================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a command does, decided once from the config, the model and this machine. Every stage receives it; the log
+    prints it in one line and eval.json records it."""
+    device: str  # cuda or cpu
+    precision: str  # fp32, bf16 or fp16: what the matmuls run in
+    method: str  # LoRA, DoRA, QLoRA (4-bit), LoRA on an 8-bit base, or full fine-tune
+    prompt_format: str  # chat or raw: how prompt/completion rows, test prompts and generate's prompts are shown
+    attention: str  # flash_attention_2 (CUDA with flash_attn), varlen_sdpa (SDPA per sequence) or sdpa (padded)
+    padding_free: bool  # a batch is one row of concatenated examples: every attention above but plain sdpa
+    fused_loss: bool  # LM head + cross-entropy fused, run only where a token is trained (heads without bias/scaling)
+    gradient_checkpointing: bool
+    world_size: int
+
+    def describe(self) -> str:
+        batches = "padding-free" if self.padding_free else "padded"
+        return (f"plan: {self.method} on {self.device} in {self.precision}; {self.prompt_format} prompts; {batches} "
+                f"batches, {self.attention} attention; {'fused' if self.fused_loss else 'plain'} loss; gradient "
+                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}; {self.world_size} process(es)")
+
+
+def make_plan(cfg: Config, tokenizer, model_config, device: str | None = None, memory: int | None = None) -> Plan:
+    """The plan for this machine; --estimate may plan for another device and memory, and reads no tokenizer (None),
+    so its plan leaves the prompt format as configured."""
+    device = device or ("cuda" if cuda_available() else "cpu")
+    precision = resolve_precision(cfg, device)
+    skeleton = model_skeleton(cfg, model_config)
+    attention = pick_attention(device, skeleton)
+    prompt_format = cfg.prompt_format
+    if tokenizer is not None:
+        template = getattr(tokenizer, "chat_template", None)
+        prompt_format = ("chat" if template else "raw") if prompt_format == "auto" else prompt_format
+        if prompt_format == "chat" and not template:
+            raise UserError(f"prompt_format: chat needs a tokenizer with a chat template; {cfg.model_name} has none "
+                            f"(use prompt_format: raw)")
+        if cfg.system_prompt is not None and prompt_format == "raw":
+            raise UserError(f"system_prompt is set, but {cfg.model_name} has no chat template, so prompts are raw; "
+                            f"remove system_prompt")
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing == "auto":  # recompute activations only when the run would not fit in 90% of the memory
+        limit = memory or available_memory(device)
+        needed = estimate_memory(cfg, model_config, precision, False, device)["total"]
+        checkpointing = bool(limit) and needed > 0.9 * limit
+    return Plan(device=device, precision=precision, method=training_method(cfg), prompt_format=prompt_format,
+                attention=attention, padding_free=attention != "sdpa", fused_loss=fused_head_ok(skeleton),
+                gradient_checkpointing=checkpointing, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Everything a run needs before its first step, made by the same checks for training and for --validate."""
+    plan: Plan
+    tokenizer: Any
+    data: Data
+    checkpoint: str | None  # the checkpoint to resume from
+
+
+@contextmanager
+def prepared_run(cfg: Config, hold_lock: bool):
+    """Every check a run makes before its first step, cheapest first: the output folder and its lock (held while the
+    block runs, or only checked), sharding, the model's tokenizer, config and files (and the LoRA targets, on an empty
+    skeleton), the data, the checkpoint to resume. Training and --validate both go through here."""
+    check_output_dir(cfg)
+    with output_dir_lock(cfg.output_dir, hold=hold_lock):
+        check_sharding(cfg)
+        tokenizer = load_tokenizer(cfg)
+        model_config = load_model_config(cfg)
+        check_model_files(cfg)
+        plan = make_plan(cfg, tokenizer, model_config)
+        if cfg.use_peft:
+            add_lora(model_skeleton(cfg, model_config), cfg, plan)
+        data = load_data(cfg, plan, tokenizer)
+        yield Prepared(plan, tokenizer, data, resolve_checkpoint(cfg))
+
+
+def run_training(cfg: Config) -> Path:
+    """The whole run: every check, the base model's scores, training, the fine-tuned scores, the result saved at the
+    root of output_dir, then the merge, GGUF export and push the config asks for."""
+    started = time.time()
+    main_process = is_main_process()
+    with prepared_run(cfg, hold_lock=main_process) as run:
+        print(run.plan.describe())
+        model = build_model(cfg, run.plan)
+        if main_process:
+            clear_output_dir(cfg)  # only now: a run refused for bad input leaves the earlier one whole
+        trainer = make_trainer(cfg, run, model)
+        summary: dict[str, Any] = {"plan": dataclasses.asdict(run.plan), "data": run.data.describe()}
+        pairs = run.data.test_pairs if main_process else []
+        if cfg.eval_before and pairs:
+            summary["base"], _ = score_generation(trainer.model, run.tokenizer, pairs, cfg, run.plan, "base model")
+        train(trainer, run.checkpoint, cfg)
+        if not main_process:
+            return Path(cfg.output_dir)
+        summary.update(training_summary(trainer.state))
+        report_training(trainer.state, cfg)
+        if pairs:
+            summary["fine_tuned"], samples = score_generation(trainer.model, run.tokenizer, pairs, cfg, run.plan,
+                                                              "fine-tuned model")
+            summary["wrong"] = [s for s in samples if not s["exact"]]
+            print(results_table(summary.get("base"), summary["fine_tuned"]))
+        out = write_final(trainer.model, run.tokenizer, cfg, run.plan, summary)
+        print(f"saved to {out} in {time.time() - started:.0f} s")
+        if cfg.merge_adapter and cfg.use_peft:
+            print(f"merged model saved to {merge_run(cfg, out)}")
+        if cfg.export_gguf:
+            export_run(cfg, out, cfg.export_gguf)
+        if cfg.push_to_hub:
+            print(f"pushed to {push_run(cfg, out)}")
+    return out
+
+
+def validate_run(cfg: Config) -> None:
+    """--validate: the checks of prepared_run, exactly, then what they found: a line per dataset and the total."""
+    with prepared_run(cfg, hold_lock=False) as run:
+        pass
+    print(f"config ok; model source ok: {cfg.model_name}")
+    print(run.plan.describe())
+    for line in run.data.report():
+        print(line)
+    print(f"test rows scored by generation: {len(run.data.test_pairs)}")
+    if run.checkpoint:
+        print(f"would resume from {run.checkpoint}")
+
+
+# =====================================================================================================================
+# Data: each dataset read once (its format found once), split, tokenized with per-token loss weights, mixed by weight.
+# =====================================================================================================================
 
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ROW = "__row__"  # each row's number in its file, so that an error names a row the user can find after the split
+
+
+class TestPair(NamedTuple):
+    """A test row as generation scores it."""
+    prompt: str  # the prompt as the user wrote it
+    ids: list[int]  # what the model sees: the prompt in the run's format, tokenized exactly as in training
+    reference: str
+    source: str  # the dataset it came from
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One dataset, read once: its entry (every field filled in), its row format, and its rows split in two."""
+    entry: DatasetEntry
+    where: str  # how messages name it: its path, or its position and path in a list
+    format: str  # messages, prompt_completion or text
+    train: Any  # datasets.Dataset of raw rows
+    validation: Any  # the held-out rows, or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """The training mix, the validation rows and the test prompts, with what --validate and eval.json say of them."""
+    sources: list[Source]
+    train: Any  # tokenized and mixed
+    validation: Any  # tokenized, from every source; or None
+    test_pairs: list[TestPair]
+    lengths: list[list[int]]  # token lengths of each source's training rows, before any cut
+    shares: list[float]  # each source's share of the training mix
+    seq_length: int
+
+    def describe(self) -> dict:
+        return {s.entry.name: {"format": s.format, "train_rows": len(s.train), "share": round(share, 4)}
+                for s, share in zip(self.sources, self.shares)}
+
+    def report(self) -> list[str]:
+        lines = []
+        for source, lengths, share in zip(self.sources, self.lengths, self.shares):
+            lines.append(f"dataset {source.where}: {source.format} rows, {len(source.train)} train + "
+                         f"{len(source.validation) if source.validation is not None else 0} validation; "
+                         f"{length_summary(lengths, self.seq_length)}; {share:.0%} of the training mix")
+        lines.append(f"total: {len(self.train)} training examples per epoch, "
+                     f"{len(self.validation) if self.validation is not None else 0} validation; "
+                     f"{length_summary([n for ls in self.lengths for n in ls], self.seq_length)}")
+        return lines
+
+
+def length_summary(lengths: list[int], seq_length: int) -> str:
+    ordered = sorted(lengths)
+    long = sum(n > seq_length for n in ordered)
+    return (f"tokens per example: min {ordered[0]}, median {ordered[len(ordered) // 2]}, max {ordered[-1]}; "
+            f"{long} longer than seq_length={seq_length}")
+
+
+def load_data(cfg: Config, plan: Plan, tokenizer) -> Data:
+    sources = load_sources(cfg)
+    train_sets, lengths, validation_sets = [], [], []
+    for source in sources:
+        tokenized, too_long = tokenize_rows(source.train, source, tokenizer, cfg, plan)
+        if too_long:
+            print(f"dataset {source.where}: {too_long} training examples are longer than seq_length={cfg.seq_length}: "
+                  f"{cfg.long_examples}d")
+        train_sets.append(tokenized)
+        lengths.append(list(tokenized["length"]))
+        if source.validation is not None:
+            validation_sets.append(tokenize_rows(source.validation, source, tokenizer, cfg, plan)[0])
+    weights = [s.entry.weight for s in sources] if sources[0].entry.weight is not None else None
+    sizes = [len(t) for t in train_sets]
+    shares = [w / sum(weights) for w in weights] if weights else [n / sum(sizes) for n in sizes]
+    import datasets
+
+    return Data(sources=sources, train=mix_by_weight(train_sets, weights, cfg.seed),
+                validation=datasets.concatenate_datasets(validation_sets) if validation_sets else None,
+                test_pairs=load_test_pairs(cfg, plan, tokenizer, sources), lengths=lengths, shares=shares,
+                seq_length=cfg.seq_length)
+
+
+def dataset_entries(spec, cfg: Config, test: bool = False) -> list[DatasetEntry]:
+    """The datasets that dataset_name or test_dataset names, each with every field filled in from the top-level keys."""
+    if spec is None:
+        return []
+    entries = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        entry = DatasetEntry(name=item) if isinstance(item, str) else item
+        split = entry.split or ("test" if test else cfg.dataset_split)
+        filled = {key: getattr(entry, key) or getattr(cfg, key) for key in FIELD_KEYS}
+        config = entry.config or cfg.dataset_config
+        entries.append(entry.model_copy(update={"split": split, "config": config, **filled}))
+    return entries
+
+
+def load_sources(cfg: Config) -> list[Source]:
+    """Each training dataset read and checked, its format found, its rows split into training and validation."""
+    entries = dataset_entries(cfg.dataset_name, cfg)
+    if not entries:
+        raise UserError("dataset_name is not set: name your training data (a .jsonl file, a folder of files or a Hub "
+                        "dataset id) in the config or as dataset_name=PATH")
+    sources = []
+    for position, entry in enumerate(entries, 1):
+        where = entry.name if len(entries) == 1 else f"{entry.name} (dataset_name entry {position})"
+        rows = read_rows(entry, cfg, where)
+        rows = rows.add_column(ROW, list(range(1, len(rows) + 1)))
+        fmt = row_format(rows.column_names, entry, where)
+        if cfg.validation_split == 0:
+            sources.append(Source(entry, where, fmt, rows, None))
+            continue
+        n_val = max(1, round(len(rows) * cfg.validation_split))
+        if n_val >= len(rows):
+            raise UserError(f"dataset {where} has {len(rows)} rows: too few to hold out validation_split="
+                            f"{cfg.validation_split}; add rows or set validation_split: 0")
+        split = rows.train_test_split(test_size=n_val, seed=cfg.seed)
+        sources.append(Source(entry, where, fmt, split["train"], split["test"]))
+    return sources
 
 
 def local_data_files(name: str) -> list[Path] | None:
@@ -253,7 +659,8 @@ def local_data_files(name: str) -> list[Path] | None:
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix not in DATA_BUILDERS:
-            raise UserError(f"dataset {name}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+            raise UserError(f"dataset {name}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or "
+                            f".parquet")
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in DATA_BUILDERS)
@@ -270,7 +677,7 @@ def local_data_files(name: str) -> list[Path] | None:
     return None
 
 
-def check_json_lines(path: Path, text_fields: tuple[str, ...] = ()) -> None:
+def check_json_lines(path: Path, text_fields: tuple[str, ...]) -> None:
     """datasets' JSON errors name neither file nor line, and a column of mixed types gets JSON-parsed into objects;
     this scan (constant memory) names the line of a broken row or of a text field that is not text."""
     rows = 0
@@ -283,7 +690,8 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...] = ()) -> None:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{number}: not UTF-8 (byte {e.start} of the line); re-encode the file as UTF-8") from None
+                raise UserError(f"{path}:{number}: not UTF-8 (byte {e.start} of the line); re-encode the file as "
+                                f"UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -300,32 +708,38 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...] = ()) -> None:
         raise UserError(f"dataset file {path} is empty: no rows")
 
 
-def read_rows(name: str, config_name: str | None = None, split: str = "train", token: bool = False,
-              text_fields: tuple[str, ...] = ()):
-    """One datasets.Dataset of raw rows from a local path or the Hub."""
+def read_rows(entry: DatasetEntry, cfg: Config, where: str):
+    """One datasets.Dataset of an entry's raw rows, from a local path or the Hub."""
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # its own "Failed to read ..." lines would precede our one-line error
-    files = local_data_files(name)
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # its own "Failed to read" lines would precede ours
+    files = local_data_files(entry.name)
     if files is None:
         try:
-            return datasets.load_dataset(name, config_name, split=split, token=token)
-        except Exception as e:  # offline, private, misspelled: all reach the user as one line
-            raise UserError(f"dataset {name!r}: cannot load it from the Hub ({first_line(e)}); check the id, network and HF_TOKEN") from None
-    for file in files:
-        if file.stat().st_size == 0:
-            raise UserError(f"dataset file {file} is empty: no rows")
-        if file.suffix == ".jsonl":
-            check_json_lines(file, text_fields)
-    try:
-        rows = datasets.load_dataset(DATA_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
-    except Exception as e:
-        message = first_line(e.__cause__ or e)  # datasets wraps the parser's own reason ("Expected 2 fields in line 9")
-        if "corresponds to no data" in message:
-            raise UserError(f"dataset {name} is empty: no rows") from None
-        kind = {"json": "JSON", "csv": "CSV", "parquet": "Parquet"}[DATA_BUILDERS[files[0].suffix]]
-        raise UserError(f"dataset {name}: cannot read it as {kind} ({message})") from None
+            rows = datasets.load_dataset(entry.name, entry.config, split=entry.split, token=hub_token(cfg))
+        except (OSError, ValueError, ConnectionError) as e:  # offline, private, misspelled id or split
+            raise UserError(f"dataset {where}: cannot load it from the Hub ({first_line(e)}); check the id, split, "
+                            f"network and HF_TOKEN") from None
+    else:
+        text_fields = (entry.prompt_field, entry.completion_field, entry.dataset_text_field)
+        for file in files:
+            if file.stat().st_size == 0:
+                raise UserError(f"dataset file {file} is empty: no rows")
+            if file.suffix == ".jsonl":
+                check_json_lines(file, text_fields)
+        try:
+            rows = datasets.load_dataset(DATA_BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
+                                         split="train")
+        except (DatasetGenerationError, OSError, ValueError) as e:
+            message = first_line(e.__cause__ or e)  # datasets wraps the parser's own reason ("Expected 2 fields")
+            if "corresponds to no data" in message:
+                raise UserError(f"dataset {where} is empty: no rows") from None
+            kind = {"json": "JSON", "csv": "CSV", "parquet": "Parquet"}[DATA_BUILDERS[files[0].suffix]]
+            raise UserError(f"dataset {where}: cannot read it as {kind} ({message})") from None
+    if len(rows) == 0:
+        raise UserError(f"dataset {where} is empty: no rows")
     return rows
 
 
@@ -334,17 +748,18 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def data_format(columns: list[str], cfg: Config, where: str) -> str:
-    if cfg.messages_field in columns:
+def row_format(columns: list[str], entry: DatasetEntry, where: str) -> str:
+    if entry.messages_field in columns:
         return "messages"
-    if cfg.prompt_field in columns and cfg.completion_field in columns:
+    if entry.prompt_field in columns and entry.completion_field in columns:
         return "prompt_completion"
-    if cfg.dataset_text_field in columns:
+    if entry.dataset_text_field in columns:
         return "text"
     raise UserError(
-        f"dataset {where}: rows have fields {sorted(c for c in columns if c != ROW)}, but training needs {cfg.prompt_field!r} + {cfg.completion_field!r}, "
-        f"{cfg.messages_field!r} or {cfg.dataset_text_field!r}; rename the fields or set prompt_field/completion_field/"
-        f"messages_field/dataset_text_field")
+        f"dataset {where}: rows have fields {sorted(c for c in columns if c != ROW)}, but training needs "
+        f"{entry.prompt_field!r} + {entry.completion_field!r}, {entry.messages_field!r} or "
+        f"{entry.dataset_text_field!r}; rename the fields or set prompt_field/completion_field/messages_field/"
+        f"dataset_text_field")
 
 
 def field_text(row: dict, field: str, number: int, where: str) -> str:
@@ -354,127 +769,164 @@ def field_text(row: dict, field: str, number: int, where: str) -> str:
     return value
 
 
-def chat_spans(tokenizer, messages: list, number: int, where: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of the assistant replies in it."""
+def checked_messages(messages: Any, number: int, where: str) -> list[dict]:
     if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
-        raise UserError(f"dataset {where}: row {number}: messages must be a list of {{role, content}} objects with text content")
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise UserError(f"dataset {where}: row {number}: messages must be a list of {{role, content}} objects with "
+                        f"text content")
     if messages and messages[0]["role"] == "assistant":
-        raise UserError(f"dataset {where}: row {number}: the conversation starts with an assistant message; start it with a system or user message")
+        raise UserError(f"dataset {where}: row {number}: the conversation starts with an assistant message; start it "
+                        f"with a system or user message")
+    return messages
+
+
+def with_system_prompt(messages: list[dict], cfg: Config) -> list[dict]:
+    """system_prompt opens a conversation that has no system turn of its own."""
+    if cfg.system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": cfg.system_prompt}, *messages]
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict], cfg: Config, plan: Plan) -> list[int]:
+    """Token ids of what a model sees before it answers, exactly as training showed it: a raw prompt with the
+    tokenizer's own BOS, or (chat format, or a conversation) the chat template up to the assistant's turn."""
+    if isinstance(prompt, str) and plan.prompt_format == "raw":
+        return tokenizer(prompt)["input_ids"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(with_system_prompt(messages, cfg), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own special tokens
+
+
+def chat_example(tokenizer, messages: list[dict], weight_other: float, number: int, where: str) -> tuple[list, list]:
+    """(ids, weights) of a conversation in the chat template: 1 on each assistant reply and the end-of-turn that
+    closes it, weight_other on everything else."""
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"dataset {where}: chat messages need a tokenizer with a chat template; this model has none (use prompt/completion rows)")
-    render = lambda msgs, gen=False: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-    full, spans = render(messages), []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start, end = len(render(messages[:i], gen=True)), len(render(messages[: i + 1]))
-        spans.append((start, end))
+        raise UserError(f"dataset {where}: chat messages need a tokenizer with a chat template; this model has none "
+                        f"(use prompt/completion rows)")
+
+    def render(msgs, generation_prompt=False):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    spans = [(len(render(messages[:i], True)), len(render(messages[:i + 1])))
+             for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not spans:
         raise UserError(f"dataset {where}: row {number}: no assistant message to learn from")
-    return full, spans
+    enc = tokenizer(render(messages), add_special_tokens=False, return_offsets_mapping=True)
+    weights = [1.0 if any(s <= start < e for s, e in spans) else weight_other for start, _ in enc["offset_mapping"]]
+    return enc["input_ids"], weights
 
 
-def tokenize_row(row: dict, number: int, tokenizer, fmt: str, cfg: Config, where: str) -> dict:
-    """input_ids and the loss weight of each token: 1 for what the model should learn to write, prompt_loss_weight
-    for the prompt. Prompt and completion are tokenized apart, as generation from the raw prompt will see them."""
+def tokenize_row(row: dict, number: int, tokenizer, source: Source, cfg: Config, plan: Plan) -> dict:
+    """input_ids and the loss weight of each token: 1 for what the model should learn to write, prompt_loss_weight for
+    the prompt. Raw prompt and completion are tokenized apart, as generation from the raw prompt will see them."""
+    entry, where, plw = source.entry, source.where, cfg.prompt_loss_weight
     eos = [tokenizer.eos_token_id]
-    plw = cfg.prompt_loss_weight
-    if fmt == "text":
-        ids = tokenizer(field_text(row, cfg.dataset_text_field, number, where))["input_ids"] + eos
+    if source.format == "text":
+        ids = tokenizer(field_text(row, entry.dataset_text_field, number, where))["input_ids"] + eos
         weights = [1.0] * len(ids)
-    elif fmt == "prompt_completion":
-        prompt = tokenizer(field_text(row, cfg.prompt_field, number, where))["input_ids"]
-        completion = tokenizer(field_text(row, cfg.completion_field, number, where), add_special_tokens=False)["input_ids"] + eos
-        ids, weights = prompt + completion, [plw] * len(prompt) + [1.0] * len(completion)
+    elif source.format == "messages":
+        messages = checked_messages(row.get(entry.messages_field), number, where)
+        ids, weights = chat_example(tokenizer, with_system_prompt(messages, cfg), plw, number, where)
+    elif plan.prompt_format == "chat":
+        prompt = field_text(row, entry.prompt_field, number, where)
+        completion = field_text(row, entry.completion_field, number, where).strip()
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        ids, weights = chat_example(tokenizer, with_system_prompt(messages, cfg), plw, number, where)
     else:
-        text, spans = chat_spans(tokenizer, row.get(cfg.messages_field), number, where)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        weights = [1.0 if any(s <= start < e for s, e in spans) else plw for start, _ in enc["offset_mapping"]]
+        prompt = prompt_ids(tokenizer, field_text(row, entry.prompt_field, number, where), cfg, plan)
+        completion = tokenizer(field_text(row, entry.completion_field, number, where),
+                               add_special_tokens=False)["input_ids"] + eos
+        ids, weights = prompt + completion, [plw] * len(prompt) + [1.0] * len(completion)
     return {"input_ids": ids, "loss_weights": weights, "length": len(ids)}
 
 
-def tokenize_dataset(rows, tokenizer, cfg: Config, where: str):
+def tokenize_rows(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
     """Tokenized rows, cut to seq_length (or dropped, per long_examples); returns (dataset, number of long rows)."""
-    fmt = data_format(rows.column_names, cfg, where)
     # Explicit fingerprints: datasets would otherwise try to pickle the config inside each lambda to name the cache.
-    key = hashlib.sha256(f"{rows._fingerprint}|{cfg.model_dump_json()}|{tokenizer.name_or_path}|{len(tokenizer)}|"
+    key = hashlib.sha256(f"{rows._fingerprint}|{cfg.model_dump_json()}|{source.entry.model_dump_json()}|"
+                         f"{source.format}|{plan.prompt_format}|{tokenizer.name_or_path}|{len(tokenizer)}|"
                          f"{getattr(tokenizer, 'chat_template', None)}".encode()).hexdigest()[:24]
-    tokenized = rows.map(lambda row, i: tokenize_row(row, row.get(ROW, i + 1), tokenizer, fmt, cfg, where),
-                         with_indices=True, remove_columns=rows.column_names, new_fingerprint=f"{key}-tokenize")
+    tokenized = rows.map(lambda row: tokenize_row(row, row[ROW], tokenizer, source, cfg, plan),
+                         remove_columns=rows.column_names, new_fingerprint=f"{key}-tokenize")
     too_long = sum(n > cfg.seq_length for n in tokenized["length"])  # `length` stays the length before any cut
     cut = cfg.seq_length
     if too_long and cfg.long_examples == "drop":
         tokenized = tokenized.filter(lambda n: n <= cut, input_columns="length", new_fingerprint=f"{key}-drop")
     elif too_long:
-        tokenized = tokenized.map(lambda r: {"input_ids": r["input_ids"][:cut], "loss_weights": r["loss_weights"][:cut]},
+        tokenized = tokenized.map(lambda r: {name: r[name][:cut] for name in ("input_ids", "loss_weights")},
                                   new_fingerprint=f"{key}-truncate")
     before = len(tokenized)
     tokenized = tokenized.filter(lambda w: max(w[1:], default=0) > 0, input_columns="loss_weights",
                                  new_fingerprint=f"{key}-trainable")
     if len(tokenized) < before:
-        print(f"dataset {where}: {before - len(tokenized)} examples had no token to learn from within seq_length={cfg.seq_length} and were dropped")
+        print(f"dataset {source.where}: {before - len(tokenized)} examples had no token to learn from within "
+              f"seq_length={cfg.seq_length} and were dropped")
     if len(tokenized) == 0:
-        raise UserError(f"dataset {where}: no example left with a token to learn from (check seq_length, long_examples and the fields)")
+        raise UserError(f"dataset {source.where}: no example left with a token to learn from (check seq_length, "
+                        f"long_examples and the fields)")
     return tokenized, too_long
 
 
-ROW = "__row__"
+def mix_by_weight(sets: list, weights: list[float] | None, seed: int):
+    """One training set from several: without weights, all rows once; with weights, an epoch of as many examples as
+    the sets hold together, each set's share given by its weight (its rows in a seeded order, repeated if needed).
+    The mix depends on the seed alone, so a resumed run sees the same data in the same order."""
+    import datasets
+
+    if weights is None or len(sets) == 1:
+        return datasets.concatenate_datasets(sets) if len(sets) > 1 else sets[0]
+    total, rng, parts = sum(len(s) for s in sets), random.Random(seed), []
+    for rows, weight in zip(sets, weights):
+        wanted = round(total * weight / sum(weights))
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        if wanted:
+            parts.append(rows.select((order * (wanted // len(rows) + 1))[:wanted]))
+    return datasets.concatenate_datasets(parts)
 
 
-def text_fields(cfg: Config) -> tuple[str, ...]:
-    return cfg.prompt_field, cfg.completion_field, cfg.dataset_text_field
-
-
-def load_dataset_splits(cfg: Config):
-    """(train rows, validation rows or None), raw and untokenized, split with the config's seed."""
-    rows = read_rows(cfg.dataset_name, cfg.dataset_config, cfg.dataset_split, token=hub_token(cfg),
-                     text_fields=text_fields(cfg))
-    if len(rows) == 0:
-        raise UserError(f"dataset {cfg.dataset_name} is empty: no rows")
-    rows = rows.add_column(ROW, list(range(1, len(rows) + 1)))  # errors name the row in the file, not in the split
-    data_format(rows.column_names, cfg, cfg.dataset_name)
-    if cfg.validation_split == 0:
-        return rows, None
-    n_val = max(1, round(len(rows) * cfg.validation_split))
-    if n_val >= len(rows):
-        raise UserError(f"dataset {cfg.dataset_name} has {len(rows)} rows: too few to hold out validation_split={cfg.validation_split}; add rows or set validation_split: 0")
-    split = rows.train_test_split(test_size=n_val, seed=cfg.seed)
-    return split["train"], split["test"]
-
-
-def load_test_rows(cfg: Config, val_rows):
-    """Rows scored by generation: test_dataset if set, else the validation rows."""
+def load_test_pairs(cfg: Config, plan: Plan, tokenizer, sources: list[Source]) -> list[TestPair]:
+    """The rows scored by generation: test_dataset, else the validation rows; taken in turn from each dataset, at most
+    eval_max_examples of them. Plain-text rows have no answer to score."""
     if cfg.test_dataset:
-        return read_rows(cfg.test_dataset, text_fields=text_fields(cfg))
-    return val_rows
+        tests = []
+        for position, entry in enumerate(dataset_entries(cfg.test_dataset, cfg, test=True), 1):
+            where = entry.name if isinstance(cfg.test_dataset, str) else f"{entry.name} (test_dataset entry {position})"
+            rows = read_rows(entry, cfg, where)
+            tests.append((rows, row_format(rows.column_names, entry, where), entry, where))
+    else:
+        tests = [(s.validation, s.format, s.entry, s.where) for s in sources if s.validation is not None]
+    per_source = [[test_pair(row, number, fmt, entry, where, tokenizer, cfg, plan)
+                   for number, row in enumerate(rows, 1)] for rows, fmt, entry, where in tests if fmt != "text"]
+    interleaved = [pair for turn in zip_longest_skip(per_source) for pair in turn]
+    return interleaved[:cfg.eval_max_examples]
 
 
-def test_pairs(rows, tokenizer, cfg: Config) -> list[tuple[str, str]]:
-    """(prompt as the model sees it, reference answer) for each test row; plain-text rows have no answer to score."""
-    if rows is None or len(rows) == 0:
-        return []
-    fmt = data_format(rows.column_names, cfg, cfg.test_dataset or cfg.dataset_name)
+def zip_longest_skip(lists: list[list]) -> list[list]:
+    """[[a1, b1], [a2, b2], [a3]] from [[a1, a2, a3], [b1, b2]]: one from each list in turn."""
+    return [[items[i] for items in lists if i < len(items)] for i in range(max(map(len, lists), default=0))]
+
+
+def test_pair(row: dict, number: int, fmt: str, entry: DatasetEntry, where: str, tokenizer, cfg: Config,
+              plan: Plan) -> TestPair:
+    number = row.get(ROW, number)
     if fmt == "prompt_completion":
-        return [(r[cfg.prompt_field], r[cfg.completion_field]) for r in rows]
-    if fmt == "messages":
-        pairs = []
-        for number, r in enumerate(rows, 1):
-            msgs = r[cfg.messages_field]
-            replies = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-            if not replies:
-                raise UserError(f"test rows {cfg.test_dataset or cfg.dataset_name}: row {number} has no assistant message to score against")
-            last = replies[-1]
-            prompt = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
-            pairs.append((prompt, msgs[last]["content"]))
-        return pairs
-    return []
+        prompt = field_text(row, entry.prompt_field, number, where)
+        reference = field_text(row, entry.completion_field, number, where)
+        return TestPair(prompt, prompt_ids(tokenizer, prompt, cfg, plan), reference, entry.name)
+    messages = checked_messages(row.get(entry.messages_field), number, where)
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not replies:
+        raise UserError(f"test rows {where}: row {number} has no assistant message to score against")
+    history = messages[:replies[-1]]
+    return TestPair(history[-1]["content"], prompt_ids(tokenizer, history, cfg, plan), messages[replies[-1]]["content"],
+                    entry.name)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Model: tokenizer, base model (full precision, 8-bit or 4-bit), LoRA adapters.
-# ---------------------------------------------------------------------------------------------------------------------
+# =====================================================================================================================
+# Model: tokenizer, config and an empty skeleton for the plan, then the base model (16/32-bit, 8-bit or 4-bit) + LoRA.
+# =====================================================================================================================
 
 def model_source(name: str) -> tuple[str, dict]:
     """(folder or Hub id, extra from_pretrained kwargs); a .gguf file loads from its folder."""
@@ -486,31 +938,108 @@ def model_source(name: str) -> tuple[str, dict]:
     if path.is_dir():
         return str(path), {}
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.parent.is_dir() and str(path.parent) != ".":
-        raise UserError(f"model_name: folder not found: {name}" + (" (run ./setup.sh to prepare the embedded model)" if name == EMBEDDED_MODEL else ""))
+        hint = " (run ./setup.sh to prepare the embedded model)" if name == EMBEDDED_MODEL else ""
+        raise UserError(f"model_name: folder not found: {name}{hint}")
     return name, {}
 
 
-def pick_device() -> str:
-    import torch
+def hub_token(cfg: Config) -> bool:
+    """True sends HF_TOKEN (or the stored login); False sends nothing, where None would send it anyway."""
+    return cfg.use_auth_token
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+# What loading raises for a user's mistake: a missing or unreadable file, a bad id, no network, a gated repository.
+LOAD_ERRORS = (OSError, ValueError)
+
+
+def cannot_load(cfg: Config, what: str, err: BaseException) -> UserError:
+    return UserError(f"model_name {cfg.model_name!r}: cannot load its {what} ({first_line(err)}); "
+                     f"run ./setup.sh for the embedded model, or check the id/path and network")
+
+
+def load_tokenizer(cfg: Config, source: str | None = None):
+    from transformers import AutoTokenizer
+
+    folder, extra = (source, {}) if source else model_source(cfg.model_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code,
+                                                  token=hub_token(cfg), **extra)
+    except LOAD_ERRORS as e:
+        raise cannot_load(cfg, "tokenizer", e) from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model_name {cfg.model_name!r}: the tokenizer has no EOS token, so completions could not end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss; any id works
+    return tokenizer
+
+
+def load_model_config(cfg: Config):
+    from transformers import AutoConfig
+
+    source, extra = model_source(cfg.model_name)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, token=hub_token(cfg),
+                                          **extra)
+    except LOAD_ERRORS as e:
+        raise cannot_load(cfg, "config", e) from None
+
+
+def check_model_files(cfg: Config) -> None:
+    """A local model folder holds weights; found before the data is read rather than when the model loads."""
+    source, extra = model_source(cfg.model_name)
+    folder = Path(source)
+    if folder.is_dir() and not extra and not any(next(folder.glob(p), None) for p in ("*.safetensors", "*.bin")):
+        raise UserError(f"model_name {cfg.model_name!r}: no weights in the folder (*.safetensors or *.bin); copy the "
+                        f"whole model folder")
+
+
+def model_skeleton(cfg: Config, model_config):
+    """The model's modules with no weights (on the meta device): what the plan and the LoRA check look at."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model_config)  # from_config may change the config it is given
+    if hasattr(config, "quantization_config"):  # a quantized checkpoint's modules, unquantized, are what LoRA wraps
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+
+def training_method(cfg: Config) -> str:
+    """LoRA / DoRA / QLoRA / full fine-tune, as the log, the model card and the memory estimate name it."""
+    if not cfg.use_peft:
+        return "full fine-tune"
+    adapter = ("DoRA" if cfg.use_dora else "LoRA") + (" (rank-stabilised)" if cfg.use_rslora else "")
+    if cfg.load_in_4bit:
+        return f"Q{adapter} (4-bit base)"
+    return f"{adapter} on an 8-bit base" if cfg.load_in_8bit else adapter
+
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return set()
+    return set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
 
 
 def cpu_has_bf16() -> bool:
-    """bf16 pays on CPUs with AVX512-BF16 or AMX; elsewhere it is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """bf16 pays on CPUs with AVX512-BF16 or AMX; elsewhere it is emulated and far slower than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_precision(cfg: Config, device: str) -> str:
     import torch
 
     if cfg.precision == "auto":
-        if device == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device == "cuda":  # planned from a machine without a GPU (--estimate --device cuda): today's GPUs have bf16
+            return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_bf16() else "fp32"
     if cfg.precision == "fp16" and device != "cuda":
         raise UserError("precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
@@ -523,31 +1052,23 @@ def torch_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def hub_token(cfg: Config) -> bool:
-    """True sends HF_TOKEN (or the stored login); False sends nothing, where None would send it anyway."""
-    return cfg.use_auth_token
+def pick_attention(device: str, skeleton) -> str:
+    """flash-attention's variable-length kernel on CUDA when installed, else SDPA run per sequence; models whose
+    attention does not go through transformers' attention interface get plain SDPA on padded batches."""
+    import importlib.util
+
+    if not getattr(skeleton, "_supports_attention_backend", False):
+        return "sdpa"
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return register_varlen_attention()
 
 
-def load_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
-
-    source, extra = model_source(cfg.model_name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, token=hub_token(cfg), **extra)
-    except Exception as e:
-        raise UserError(f"model_name {cfg.model_name!r}: cannot load its tokenizer ({first_line(e)}); "
-                        f"run ./setup.sh for the embedded model, or check the id/path and network") from None
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"model_name {cfg.model_name!r}: the tokenizer has no EOS token, so completions could not end")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss; any id works
-    return tokenizer
-
-
+@functools.cache
 def register_varlen_attention() -> str:
-    """Causal attention run per sequence on padding-free rows (cu_seq_lens from the collator), in fp32: on this kind of
-    CPU the flash kernel is ~2x faster in fp32 than bf16, and no T x T mask is built. Other calls (generation with a
-    padding mask) fall through to plain SDPA."""
+    """Causal attention run per sequence on padding-free rows (cu_seq_lens from the collator): no T x T mask is built.
+    On CPU it runs in fp32, where the flash kernel is ~2x faster than in bf16. Calls without cu_seq_lens (generation
+    with a padding mask) fall through to plain SDPA."""
     import torch
     import torch.nn.functional as F
     from transformers import AttentionInterface, AttentionMaskInterface
@@ -558,12 +1079,15 @@ def register_varlen_attention() -> str:
     def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         cu = kwargs.get("cu_seq_lens_q")
         if cu is None or query.shape[0] != 1:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
         bounds = cu.tolist()
-        with torch.autocast(query.device.type, enabled=False):
-            q, k, v = query.float(), key.float(), value.float()
+        cpu = query.device.type == "cpu"
+        with torch.autocast(query.device.type, enabled=not cpu and torch.is_autocast_enabled(query.device.type)):
+            q, k, v = (t.float() for t in (query, key, value)) if cpu else (query, key, value)
             out = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
-                                                  scale=scaling, enable_gqa=True) for s, e in zip(bounds[:-1], bounds[1:])]
+                                                  scale=scaling, enable_gqa=True)
+                   for s, e in zip(bounds[:-1], bounds[1:])]
         return torch.cat(out, 2).to(query.dtype).transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("varlen_sdpa", varlen_sdpa)
@@ -571,42 +1095,41 @@ def register_varlen_attention() -> str:
     return "varlen_sdpa"
 
 
-def quantization_config(cfg: Config, precision: str):
+def quantization_config(cfg: Config, plan: Plan):
     from transformers import BitsAndBytesConfig
 
     if cfg.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     if cfg.load_in_4bit:
-        compute = precision if cfg.bnb_4bit_compute_dtype == "auto" else {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[cfg.bnb_4bit_compute_dtype]
+        compute = {"auto": plan.precision, "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
                                   bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-                                  bnb_4bit_compute_dtype=torch_dtype(compute))
+                                  bnb_4bit_compute_dtype=torch_dtype(compute[cfg.bnb_4bit_compute_dtype]))
     return None
 
 
-def load_base_model(cfg: Config, precision: str, device: str, attn: str | None, quantize: bool = True):
-    """The pretrained model. Full fine-tunes keep fp32 master weights (autocast does the bf16 math); frozen bases are
-    stored in the compute precision, which halves memory and skips a cast in every matmul."""
+def load_base_model(cfg: Config, plan: Plan, quantize: bool = True, for_training: bool = True):
+    """The pretrained model. Full fine-tunes keep fp32 master weights (autocast does the half-precision math); frozen
+    bases are stored in the compute precision, which halves memory and skips a cast in every matmul."""
     from transformers import AutoModelForCausalLM
 
     source, extra = model_source(cfg.model_name)
-    quant = quantization_config(cfg, precision) if quantize else None
-    dtype = torch_dtype(precision if (cfg.use_peft or precision == "fp32") else "fp32")
+    quant = quantization_config(cfg, plan) if quantize else None
+    full_training = for_training and not cfg.use_peft
+    kwargs = dict(dtype=torch_dtype("fp32" if full_training else plan.precision), token=hub_token(cfg),
+                  trust_remote_code=cfg.trust_remote_code, quantization_config=quant, **extra)
+    if for_training:
+        kwargs["attn_implementation"] = plan.attention
     if cfg.trust_remote_code:
-        print(f"warning: trust_remote_code is on: Python code from {cfg.model_name} will run on this machine", file=sys.stderr)
-    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, token=hub_token(cfg), quantization_config=quant, **extra)
-    if attn:
-        kwargs["attn_implementation"] = attn
-    if device == "cuda" and quant is not None:
+        print(f"warning: trust_remote_code is on: Python code from {cfg.model_name} will run on this machine",
+              file=sys.stderr)
+    if plan.device == "cuda" and quant is not None:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except Exception as e:
-        raise UserError(f"model_name {cfg.model_name!r}: cannot load the model ({first_line(e)}); "
-                        f"run ./setup.sh for the embedded model, or check the id/path and network") from None
-    if "gguf_file" in extra:
-        model = plain_copy(model)
-    return model
+    except LOAD_ERRORS as e:
+        raise cannot_load(cfg, "weights", e) from None
+    return plain_copy(model) if "gguf_file" in extra else model
 
 
 def plain_copy(model):
@@ -623,21 +1146,43 @@ def plain_copy(model):
     return fresh
 
 
-def add_lora(model, cfg: Config, precision: str, gradient_checkpointing: bool):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def save_gguf_as_safetensors(gguf_file: str, out: str) -> None:
+    """A GGUF model as a safetensors folder (weights dequantized to bf16, tokenizer, generation config), written aside
+    and renamed: setup.sh prepares the embedded model with it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = plain_copy(AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16))
+    replace_folder(Path(out), lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.peft_lora_r, lora_alpha=cfg.peft_lora_alpha, lora_dropout=cfg.peft_lora_dropout,
+                      target_modules=cfg.peft_target_modules, use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
+                      task_type="CAUSAL_LM")
+
+
+def add_lora(model, cfg: Config, plan: Plan):
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     quantized = cfg.load_in_4bit or cfg.load_in_8bit
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+    if quantized and model.device.type != "meta":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs)
-    lora = LoraConfig(r=cfg.peft_lora_r, lora_alpha=cfg.peft_lora_alpha, lora_dropout=cfg.peft_lora_dropout,
-                      target_modules=cfg.peft_target_modules, task_type="CAUSAL_LM")
     try:
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora_config(cfg))
     except ValueError as e:
         raise UserError(f"peft_target_modules: {first_line(e)}") from None
-    if precision != "fp32" and not quantized:
+    # PEFT records all-linear as every layer's full module path; serving stacks (vLLM's --enable-lora) expect the
+    # model's own module names, which select the same layers.
+    config = model.peft_config["default"]
+    config.target_modules = sorted({name.rsplit(".", 1)[-1] for name in config.target_modules})
+    if plan.precision != "fp32" and not quantized:
         # Autocast already runs the adapter matmuls in half precision; PEFT's own cast of each input to the fp32
         # adapter dtype is a wasted pass over every activation.
         for module in model.modules():
@@ -646,13 +1191,13 @@ def add_lora(model, cfg: Config, precision: str, gradient_checkpointing: bool):
     return model
 
 
-def build_model(cfg: Config, precision: str, device: str, gradient_checkpointing: bool = False):
-    """The model to train: the base in the configured precision/quantization, with LoRA adapters when use_peft."""
-    attn = register_varlen_attention() if device == "cpu" else None
-    model = load_base_model(cfg, precision, device, attn)
-    if cfg.use_peft:
-        model = add_lora(model, cfg, precision, gradient_checkpointing)
-    return model
+def build_model(cfg: Config, plan: Plan):
+    """The model to train: the base in the planned precision or quantization, with LoRA adapters when use_peft."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model = load_base_model(cfg, plan)
+    return add_lora(model, cfg, plan) if cfg.use_peft else model
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -665,9 +1210,9 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Train: a collator with per-token loss weights, a fused LM head + weighted cross-entropy, TRL's SFTTrainer around it.
-# ---------------------------------------------------------------------------------------------------------------------
+# =====================================================================================================================
+# Train: batches with per-token loss weights, a fused LM head + weighted cross-entropy, TRL's SFTTrainer around them.
+# =====================================================================================================================
 
 def collate(examples: list[dict], pad_id: int, padding_free: bool) -> dict:
     """A batch with `loss_weights` (0 = not trained) next to the usual inputs. Padding-free batches are one row of
@@ -683,7 +1228,8 @@ def collate(examples: list[dict], pad_id: int, padding_free: bool) -> dict:
         weights = torch.cat(weights)[None]
         weights[batch["position_ids"] == 0] = 0  # the first token of an example is never predicted from the one before
         cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
-        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(lengths.max()), max_length_k=int(lengths.max()))
+        longest = int(lengths.max())
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     else:
         batch = {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
                  "attention_mask": pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)}
@@ -693,6 +1239,18 @@ def collate(examples: list[dict], pad_id: int, padding_free: bool) -> dict:
     return batch
 
 
+class Collator:
+    """collate() with the pad id and batch shape of a plan; a class, not a closure, so that data loader workers and
+    checkpoints can pickle it."""
+
+    def __init__(self, pad_id: int, padding_free: bool):
+        self.pad_id, self.padding_free = pad_id, padding_free
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return collate(examples, self.pad_id, self.padding_free)
+
+
+@functools.cache
 def fused_linear_cross_entropy():
     """An autograd function: sum_i w_i * CE(h_i @ W^T, y_i) / denom, computed in row chunks so that the [tokens x vocab]
     logits never exist whole; the gradients are formed in the forward, which keeps nothing vocab-sized for backward."""
@@ -703,7 +1261,8 @@ def fused_linear_cross_entropy():
         def forward(ctx, hidden, weight, targets, token_weights, denom, compute_dtype, training):
             w = weight.to(compute_dtype)
             grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if training else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if training and weight.requires_grad else None
+            grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                      if training and weight.requires_grad else None)
             loss = hidden.new_zeros((), dtype=torch.float32)
             correct = hidden.new_zeros((), dtype=torch.long)
             chunk = max(1, 2**25 // weight.shape[0])  # ~128 MB of fp32 logits per chunk
@@ -715,7 +1274,9 @@ def fused_linear_cross_entropy():
                 if not training:
                     correct += ((z.argmax(-1) == y) & (tw == 1)).sum()
                     continue
-                z.sub_(lse[:, None]).exp_()  # softmax, in place
+                # d CE / d logits = softmax - one_hot(target): formed in place over the chunk's logits, then scaled
+                # by each token's weight; the hidden and head gradients are that times W and h.
+                z.sub_(lse[:, None]).exp_()
                 z[torch.arange(z.shape[0], device=z.device), y] -= 1.0
                 z.mul_(tw[:, None])
                 zc = z.to(compute_dtype)
@@ -741,61 +1302,76 @@ def fused_head_ok(model) -> bool:
     config = model.config
     head = model.get_output_embeddings()
     return (head is not None and getattr(head, "bias", None) is None and head.weight.ndim == 2
-            and not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", 1.0) in (None, 1.0))
+            and not getattr(config, "final_logit_softcapping", None)
+            and getattr(config, "logit_scale", 1.0) in (None, 1.0))
 
 
-def make_trainer_class():
+@functools.cache
+def fine_tuner_class():
+    """SFTTrainer with the per-token weighted loss of prompt_loss_weight, computed with the fused LM head where the
+    plan says so. It also counts trained tokens (for tokens/s) and measures token accuracy in evaluation."""
     import torch
     from trl import SFTTrainer
 
-    FusedCE = fused_linear_cross_entropy()
+    fused_ce = fused_linear_cross_entropy()
 
     class FineTuner(SFTTrainer):
-        """SFTTrainer with a per-token weighted loss (prompt_loss_weight) that only computes the LM head where a token
-        is trained, and cheap metrics: tokens per second in training, token accuracy in evaluation."""
-
-        def __init__(self, *args, fused_head: bool = True, **kwargs):
+        def __init__(self, *args, fused_loss: bool, **kwargs):
             super().__init__(*args, **kwargs)
-            self.fused_head = fused_head
-            self.loss_is_scaled_for_ga = True  # the loss is divided by the window's summed weights, see below
-            self.trained_tokens, self._last_log = 0, (time.perf_counter(), 0)
+            self.fused_loss = fused_loss
+            self.loss_is_scaled_for_ga = True  # divided by the window's summed weights, see _get_num_items_in_batch
+            self.trained_tokens, self.last_log = 0, (time.perf_counter(), 0)
 
+        # Private Trainer hook (transformers 5.23, pinned; tests/test_train.py fails loudly if an upgrade drops it):
+        # the loss denominator for a whole accumulation window, so that accumulation equals one large batch.
         def _get_num_items_in_batch(self, batch_samples, device):
-            """The loss denominator: the summed token weights of the whole accumulation window, on all ranks."""
             total = sum(b["loss_weights"][:, 1:].sum() for b in batch_samples).to(device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 total = self.accelerator.gather(total).sum()
             return total
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, correct = self.weighted_loss(model, inputs, num_items_in_batch)
+            return (loss, {"correct": correct}) if return_outputs else loss
+
+        def weighted_loss(self, model, inputs, num_items_in_batch):
+            """(sum of w * CE over the trained tokens / denominator, tokens of weight 1 predicted right)."""
             weights = inputs.pop("loss_weights")[:, 1:]
             targets = inputs.pop("labels")[:, 1:]
             keep = weights > 0
             denom = num_items_in_batch if num_items_in_batch is not None else weights.sum().clamp(min=1e-6)
-            unwrapped = self.accelerator.unwrap_model(model)
-            base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-            if self.fused_head:
-                # The model's own forward (so DDP, autocast and hooks apply) with no logits kept; the head runs here.
-                none = torch.zeros(0, dtype=torch.long, device=targets.device)
-                out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=none)
+            if self.fused_loss:
+                # The model's own forward (so that DDP, autocast and hooks apply) with no logits; the head runs here.
+                nothing = torch.zeros(0, dtype=torch.long, device=targets.device)
+                out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=nothing)
                 hidden = out.hidden_states[-1][:, :-1][keep]
-                dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-                loss, correct = FusedCE.apply(hidden, base.get_output_embeddings().weight, targets[keep], weights[keep],
-                                              denom, dtype, torch.is_grad_enabled())
+                device = hidden.device.type
+                dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+                head = self.accelerator.unwrap_model(model).get_output_embeddings()
+                loss, correct = fused_ce.apply(hidden, head.weight, targets[keep], weights[keep], denom, dtype,
+                                               torch.is_grad_enabled())
             else:
                 logits = model(**inputs, use_cache=False).logits[:, :-1].float()
                 ce = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
                 loss = (ce * weights[keep]).sum() / denom
                 correct = ((logits[keep].argmax(-1) == targets[keep]) & (weights[keep] == 1)).sum()
             if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the denominator already spans ranks
-            mode = "train" if model.training else "eval"
-            if mode == "train":
-                self.trained_tokens += int(inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel())
-            else:
-                completion = int((weights == 1).sum())
-                self._metrics["eval"]["mean_token_accuracy"].append(int(correct) / max(completion, 1))
-            return (loss, None) if return_outputs else loss
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the denominator spans ranks
+            return loss, correct
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")
+            self.trained_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = self._prepare_inputs(inputs)
+            completion = int((inputs["loss_weights"][:, 1:] == 1).sum())
+            with torch.no_grad():
+                loss, correct = self.weighted_loss(model, inputs, None)
+            # _metrics: TRL's per-mode lists of values, averaged into the next log line (trl 1.16, pinned).
+            self._metrics["eval"]["mean_token_accuracy"].append(int(correct) / max(completion, 1))
+            return loss.detach(), None, None
 
         def log(self, logs: dict, start_time: float | None = None) -> None:
             if "loss" in logs:  # Trainer logs on every rank, so the gather below is matched on all of them
@@ -803,34 +1379,64 @@ def make_trainer_class():
                 if self.args.world_size > 1:
                     tokens = int(self.accelerator.gather(torch.tensor([tokens], device=self.args.device)).sum())
                 now = time.perf_counter()
-                t0, n0 = self._last_log
-                logs["tokens_per_second"] = round((tokens - n0) / max(now - t0, 1e-9), 1)
+                since, before = self.last_log
+                logs["tokens_per_second"] = round((tokens - before) / max(now - since, 1e-9), 1)
                 logs["num_tokens"] = tokens
-                self._last_log = (now, tokens)
+                self.last_log = (now, tokens)
             super().log(logs, start_time)
+
+        def create_model_card(self, *args, **kwargs):
+            """TRL writes a draft README.md into output_dir at every checkpoint; the run's own card comes with the
+            result (write_final), so the draft is skipped."""
 
     return FineTuner
 
 
-def make_stop_on_signal():
-    """A callback that turns SIGINT/SIGTERM (Ctrl-C, a scheduler preempting the job) into: finish the current step,
-    save a checkpoint, stop. A second signal interrupts at once."""
+@functools.cache
+def run_log_class():
+    from transformers import TrainerCallback
+
+    class RunLog(TrainerCallback):
+        """Every log line also goes to output_dir/metrics.jsonl, and each evaluation redraws output_dir/loss.png, so
+        that a run can be followed (and read after a crash) without wandb or tensorboard."""
+
+        def __init__(self, output_dir: str):
+            self.out = Path(output_dir)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with (self.out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                plot_curves(state.log_history, self.out / "loss.png")
+
+    return RunLog
+
+
+@functools.cache
+def stop_on_signal_class():
     import torch
     from transformers import TrainerCallback
 
     class StopOnSignal(TrainerCallback):
+        """SIGINT/SIGTERM (Ctrl-C, a scheduler preempting the job): finish the current step, save a checkpoint, stop.
+        A second signal interrupts at once."""
+
         def __init__(self):
             self.signum, self.previous = None, {}
 
-        def _handle(self, signum, frame):
+        def handle(self, signum, frame):
             if self.signum is not None:
                 raise KeyboardInterrupt
             self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop at once)", file=sys.stderr)
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop at once)",
+                  file=sys.stderr)
 
         def on_train_begin(self, args, state, control, **kwargs):
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
+                self.previous[sig] = signal.signal(sig, self.handle)
 
         def on_step_end(self, args, state, control, **kwargs):
             stop = torch.tensor(float(self.signum or 0))
@@ -844,31 +1450,40 @@ def make_stop_on_signal():
             for sig, handler in self.previous.items():
                 signal.signal(sig, handler)
 
-    return StopOnSignal()
+    return StopOnSignal
 
 
-def decide_gradient_checkpointing(cfg: Config, device: str) -> bool:
-    """auto: recompute activations only when the run would not fit in 90% of this machine's memory without it."""
-    if cfg.gradient_checkpointing != "auto":
-        return cfg.gradient_checkpointing
-    return estimate_memory(cfg, load_model_config(cfg), False, device)["total"] > 0.9 * available_memory(device)
+def planned_steps(cfg: Config, examples: int, world_size: int) -> int:
+    """Optimizer steps of the run, counted as the Trainer counts them."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = math.ceil(examples / (cfg.batch_size * world_size))
+    return max(1, math.ceil(cfg.num_train_epochs * math.ceil(batches / cfg.gradient_accumulation_steps)))
 
 
-def make_training_args(cfg: Config, precision: str, device: str, gradient_checkpointing: bool, has_eval: bool):
+def make_training_args(cfg: Config, plan: Plan, steps: int, has_eval: bool):
     from trl import SFTConfig
 
     report = {"none": "none", "all": ["wandb", "tensorboard"]}.get(cfg.report_to, [cfg.report_to])
+    eval_steps = cfg.eval_steps or math.ceil(steps / 10)  # by default about 10 evaluations, however long the run
+    best = bool(cfg.early_stopping_patience or cfg.load_best_model_at_end) and has_eval
     return SFTConfig(
         output_dir=cfg.output_dir, run_name=cfg.run_name or Path(cfg.output_dir).name, report_to=report,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, optim=cfg.optim, max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed, data_seed=cfg.seed, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
-        activation_checkpointing=gradient_checkpointing, activation_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs,
-        eval_strategy=cfg.eval_strategy if has_eval else "no", eval_steps=cfg.eval_steps or cfg.logging_steps,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a warmup_steps below 1 as a fraction of the steps
+        weight_decay=cfg.weight_decay, optim=cfg.optim, max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed, data_seed=cfg.seed, neftune_noise_alpha=cfg.neftune_noise_alpha,
+        bf16=plan.precision == "bf16", fp16=plan.precision == "fp16", use_cpu=plan.device == "cpu",
+        activation_checkpointing=plan.gradient_checkpointing,
+        activation_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs,
+        eval_strategy=cfg.eval_strategy if has_eval else "no", eval_steps=eval_steps,
         logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy=cfg.save_strategy,
-        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        save_steps=eval_steps if best and cfg.save_strategy == "steps" else cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, load_best_model_at_end=cfg.load_best_model_at_end and has_eval,
+        metric_for_best_model="eval_loss" if best else None, greater_is_better=False if best else None,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience count survives a resume
         # Data is tokenized and collated here (per-token loss weights), so TRL's preparation is skipped.
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, prediction_loss_only=True,
         ddp_find_unused_parameters=False, push_to_hub=False, dataloader_num_workers=0,
@@ -876,58 +1491,96 @@ def make_training_args(cfg: Config, precision: str, device: str, gradient_checkp
     )
 
 
-def make_trainer(cfg: Config, model, tokenizer, train_set, eval_set, precision: str, device: str,
-                 gradient_checkpointing: bool = False):
-    from transformers import TrainerCallback
+def make_trainer(cfg: Config, run: Prepared, model):
+    from transformers import EarlyStoppingCallback
 
-    padding_free = device == "cpu"
-    args = make_training_args(cfg, precision, device, gradient_checkpointing, eval_set is not None)
-    metrics_file = Path(cfg.output_dir) / "metrics.jsonl"
-
-    class RunLog(TrainerCallback):
-        """Every logged line also goes to output_dir/metrics.jsonl, and each evaluation redraws output_dir/loss.png,
-        so a run can be followed (and read after a crash) without wandb or tensorboard."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
-
-        def on_evaluate(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                plot_curves(state.log_history, Path(cfg.output_dir) / "loss.png")
-
-    FineTuner = make_trainer_class()
-    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return FineTuner(
-        model=model, args=args, train_dataset=train_set.remove_columns("length"),
-        eval_dataset=eval_set.remove_columns("length") if eval_set is not None else None, processing_class=tokenizer,
-        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, padding_free), callbacks=[RunLog()],
-        fused_head=fused_head_ok(unwrapped),
-    )
+    plan, data = run.plan, run.data
+    steps = planned_steps(cfg, len(data.train), plan.world_size)
+    args = make_training_args(cfg, plan, steps, data.validation is not None)
+    callbacks = [run_log_class()(cfg.output_dir), stop_on_signal_class()()]
+    if cfg.early_stopping_patience and data.validation is not None:
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
+    trainable, total = count_parameters(model)
+    print(f"model {cfg.model_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
+          f"{len(data.train)} training examples, {steps} steps")
+    return fine_tuner_class()(
+        model=model, args=args, train_dataset=data.train.remove_columns("length"),
+        eval_dataset=data.validation.remove_columns("length") if data.validation is not None else None,
+        processing_class=run.tokenizer, data_collator=Collator(run.tokenizer.pad_token_id, plan.padding_free),
+        callbacks=callbacks, fused_loss=plan.fused_loss)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluate: greedy generation on held-out prompts, scored by exact match, token F1 and JSON field accuracy.
-# ---------------------------------------------------------------------------------------------------------------------
+def train(trainer, checkpoint: str | None, cfg: Config) -> None:
+    """trainer.train(), turning a signal's checkpoint-and-stop into Interrupted with the way to resume."""
+    stopper = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "StopOnSignal")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.signum:
+        raise Interrupted(f"{signal.Signals(stopper.signum).name}: stopped at step {trainer.state.global_step} with a "
+                          f"checkpoint in {cfg.output_dir}; to continue, run the same command with "
+                          f"resume_from_checkpoint=auto", stopper.signum)
 
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+
+def training_summary(state) -> dict:
+    """Steps, last losses and, when validation loss guided the run, its best step."""
+    train_losses = [h["loss"] for h in state.log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in state.log_history if "eval_loss" in h]
+    summary = {"steps": state.global_step, "train_loss": round(train_losses[-1], 4) if train_losses else None,
+               "eval_loss": round(evals[-1][1], 4) if evals else None}
+    if evals:
+        best_step, best_loss = min(evals, key=lambda e: e[1])
+        summary.update(best_step=best_step, best_eval_loss=round(best_loss, 4))
+    return summary
+
+
+# =====================================================================================================================
+# Evaluate: greedy answers to held-out prompts, scored by exact match, token F1 and JSON fields; curves; overfitting.
+# =====================================================================================================================
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The special token the chat template writes right after an assistant reply (<|im_end|>, <|eot_id|>, </s>, ...):
+    where a chat-trained model learnt to stop."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "finetune-py-reply"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    after = tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return tokenizer.convert_ids_to_tokens(after[0]) if after and after[0] in special else None
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS and the end-of-turn token: a generation stops at either."""
+    eot = end_of_turn_token(tokenizer)
+    ids = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids(eot)] if eot else [])
+    return list(dict.fromkeys(ids))
+
+
+def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                     batch_size: int = 32) -> tuple[list[str], int]:
+    """(greedy answers to tokenized prompts, tokens generated). Prompts of similar length are batched together (less
+    padding), and each row stops at EOS or the end-of-turn token."""
     import torch
 
     device = next(model.parameters()).device
     half = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers = []
+    stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers, generated = [""] * len(prompts), 0
     model.eval()
-    try:
-        for s in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[s:s + batch_size], return_tensors="pt", padding=True).to(device)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return answers
+    for s in range(0, len(order), batch_size):
+        rows = [prompts[i] for i in order[s:s + batch_size]]
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=pad)
+        new = out[:, width:]
+        generated += int((~torch.isin(new, torch.tensor(stops + [pad], device=device))).sum())
+        for i, text in zip(order[s:s + batch_size], tokenizer.batch_decode(new, skip_special_tokens=True)):
+            answers[i] = text
+    return answers, generated
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -942,13 +1595,13 @@ def token_f1(prediction: str, reference: str) -> float:
 def parse_json_object(text: str) -> dict | None:
     try:
         value = json.loads(text.strip())
-    except (json.JSONDecodeError, ValueError):
+    except ValueError:
         return None
     return value if isinstance(value, dict) else None
 
 
 def score_answers(predictions: list[str], references: list[str]) -> dict:
-    """exact_match and token_f1 for any text; json_valid and json_field_accuracy when the references are JSON objects."""
+    """exact_match and token_f1 for any text; json_valid and json_field_accuracy when references are JSON objects."""
     n = max(len(references), 1)
     scores = {"examples": len(references),
               "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n,
@@ -962,22 +1615,56 @@ def score_answers(predictions: list[str], references: list[str]) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
 
 
-def evaluate_generation(model, tokenizer, pairs: list[tuple[str, str]], cfg: Config) -> tuple[dict, list[dict]]:
-    """(scores, samples) of greedy answers to the test prompts."""
-    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-    answers = generate_answers(model, tokenizer, prompts, cfg.eval_max_new_tokens, batch_size=max(cfg.batch_size, 8))
-    samples = [{"prompt": p, "reference": r, "answer": a, "exact": a.strip() == r.strip()} for p, r, a in zip(prompts, references, answers)]
-    return score_answers(answers, references), samples
+def score_generation(model, tokenizer, pairs: list[TestPair], cfg: Config, plan: Plan, label: str):
+    """(scores, samples) of the model's greedy answers to the test prompts; with several datasets, each dataset's
+    scores too. Says what the scoring costs."""
+    print(f"scoring the {label} on {len(pairs)} test prompts (greedy, up to {cfg.eval_max_new_tokens} new tokens "
+          f"each; eval_max_examples={cfg.eval_max_examples}) ...", flush=True)
+    started = time.perf_counter()
+    with adapter_merged(model):
+        answers, generated = generate_answers(model, tokenizer, [p.ids for p in pairs], cfg.eval_max_new_tokens)
+    seconds = time.perf_counter() - started
+    print(f"  scored in {seconds:.1f} s: {generated} tokens generated, {generated / max(seconds, 1e-9):.0f} tokens/s")
+    scores = score_answers(answers, [p.reference for p in pairs])
+    sources = list(dict.fromkeys(p.source for p in pairs))
+    if len(sources) > 1:
+        scores["by_dataset"] = {
+            name: score_answers([a for a, p in zip(answers, pairs) if p.source == name],
+                                [p.reference for p in pairs if p.source == name]) for name in sources}
+    samples = [{"prompt": p.prompt, "reference": p.reference, "answer": a, "source": p.source,
+                "exact": a.strip() == p.reference.strip()} for p, a in zip(pairs, answers)]
+    return scores, samples
+
+
+@contextmanager
+def adapter_merged(model):
+    """LoRA folded into the base weights while the block runs (one matmul per layer instead of three), then taken out
+    again; other models as they are."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    merge = bool(layers) and not any(m.merged or m.disable_adapters for m in layers)  # not under disable_adapter()
+    if merge:
+        model.merge_adapter()
+    try:
+        yield model
+    finally:
+        if merge:
+            model.unmerge_adapter()
 
 
 def results_table(base: dict | None, tuned: dict) -> str:
-    rows = [f"{'metric':<22}{'base':>10}{'fine-tuned':>12}"]
-    for key, value in tuned.items():
-        if key == "examples":
-            continue
-        before = f"{base[key]:.3f}" if base and key in base else "-"
-        rows.append(f"{key:<22}{before:>10}{value:>12.3f}")
-    return "\n".join(rows)
+    """base vs fine-tuned, one metric a line; with several datasets, then each dataset's lines."""
+    def rows(before: dict | None, after: dict, prefix: str = "") -> list[str]:
+        return [f"{prefix + key:<30}{before[key] if before and key in before else '-':>10}{value:>12}"
+                if isinstance(value, int) else
+                f"{prefix + key:<30}{f'{before[key]:.3f}' if before and key in before else '-':>10}{value:>12.3f}"
+                for key, value in after.items() if key != "by_dataset"]
+
+    lines = [f"{'metric':<30}{'base':>10}{'fine-tuned':>12}", *rows(base, tuned)]
+    for name, scores in tuned.get("by_dataset", {}).items():
+        lines += rows((base or {}).get("by_dataset", {}).get(name), scores, prefix=f"{Path(name).name}: ")
+    return "\n".join(lines)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -1018,29 +1705,94 @@ def overfitting_step(history: list[dict]) -> int | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Save and push: the final model folder appears whole (written aside, then renamed), then optionally goes to the Hub.
-# ---------------------------------------------------------------------------------------------------------------------
+def report_training(state, cfg: Config) -> None:
+    """The curves, and what validation loss says: the best step, an early stop, overfitting."""
+    plot_curves(state.log_history, Path(cfg.output_dir) / "loss.png")
+    summary = training_summary(state)
+    if "best_step" not in summary:
+        return
+    best = f"step {summary['best_step']} (validation loss {summary['best_eval_loss']})"
+    if cfg.early_stopping_patience and state.global_step < state.max_steps:
+        print(f"early stopping: validation loss did not improve for {cfg.early_stopping_patience} evaluations; "
+              f"stopped at step {state.global_step}")
+    if cfg.load_best_model_at_end:
+        print(f"best checkpoint: {best}; the result holds its weights")
+    elif (step := overfitting_step(state.log_history)) is not None:
+        print(f"warning: overfitting: validation loss has risen since step {step} (its lowest) while training loss "
+              f"fell; train fewer steps/epochs, set load_best_model_at_end: true, or add data")
+    else:
+        print(f"lowest validation loss: {best}")
 
-def model_card(cfg: Config, summary: dict) -> str:
-    load = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"PATH\")"
-            if cfg.use_peft else "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"PATH\")")
-    method = "QLoRA (4-bit)" if cfg.load_in_4bit else "LoRA (8-bit base)" if cfg.load_in_8bit else "LoRA" if cfg.use_peft else "full fine-tune"
-    table = results_table(summary.get("base"), summary["fine_tuned"]) if summary.get("fine_tuned") else "(no test rows scored)"
+
+# =====================================================================================================================
+# Save and push: the result at the root of output_dir (each file written aside, then moved in; a marker last).
+# =====================================================================================================================
+
+RESULT_MARKER = "result.json"  # written last: lists the result's files; finished-run commands refuse a run without it
+
+
+def trained_config(cfg: Config, plan: Plan) -> dict:
+    """The config as the run used it, with its prompt format decided: what finished-run commands read back."""
+    return {**cfg.model_dump(mode="json"), "prompt_format": plan.prompt_format}
+
+
+def saved_tokenizer(tokenizer, plan: Plan, data_formats: list[str]):
+    """The tokenizer as the run used it: with the chat template when the run trained on it, without one when every
+    prompt was raw, so that a serving stack never wraps prompts the model never saw wrapped."""
+    import copy
+
+    if plan.prompt_format == "chat" or "messages" in data_formats:
+        return tokenizer
+    plain = copy.copy(tokenizer)
+    plain.chat_template = None
+    return plain
+
+
+def generation_config(model, tokenizer):
+    """The model's generation settings with EOS and the end-of-turn token both as stop tokens, so that transformers,
+    vLLM and TGI stop where training taught the model to stop."""
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None) or GenerationConfig()
+    config = GenerationConfig.from_dict(base.to_dict())
+    config.eos_token_id = stop_token_ids(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def model_card(cfg: Config, plan: Plan, summary: dict) -> str:
+    peft = cfg.use_peft
+    loader = "peft import AutoPeftModelForCausalLM" if peft else "transformers import AutoModelForCausalLM"
+    load = (f"from {loader}\nfrom transformers import AutoTokenizer\n"
+            f"model = {loader.split()[-1]}.from_pretrained(\"PATH\")\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"PATH\")")
+    if plan.prompt_format == "chat":
+        ask = ("messages = [{\"role\": \"user\", \"content\": \"...\"}]\n"
+               "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")")
+    else:
+        ask = "ids = tokenizer(\"...\", return_tensors=\"pt\").input_ids  # the raw prompt, as in training"
+    table = results_table(summary.get("base"), summary["fine_tuned"]) if summary.get("fine_tuned") else "(none scored)"
+    best = (f"\n- lowest validation loss {summary['best_eval_loss']} at step {summary['best_step']}"
+            + (" (the weights here)" if cfg.load_best_model_at_end else "")) if "best_step" in summary else ""
+    lora = (f", r={cfg.peft_lora_r}, alpha={cfg.peft_lora_alpha}, dropout={cfg.peft_lora_dropout}, modules="
+            f"{cfg.peft_target_modules}" if peft else "")
+    datasets = ", ".join(f"`{name}`" for name in summary.get("data", {})) or f"`{cfg.dataset_name}`"
     return f"""---
 base_model: {cfg.model_name}
-library_name: {'peft' if cfg.use_peft else 'transformers'}
-tags: [finetune.py, {'lora' if cfg.use_peft else 'full-fine-tune'}]
+library_name: {'peft' if peft else 'transformers'}
+tags: [finetune.py, {'lora' if peft else 'full-fine-tune'}]
 ---
 # {Path(cfg.output_dir).name}
 
-Fine-tuned from `{cfg.model_name}` on `{cfg.dataset_name}` with {method} by finetune.py.
+Fine-tuned from `{cfg.model_name}` on {datasets} with {plan.method} by finetune.py.
 
 ## Training
-- method: {method}{f", r={cfg.peft_lora_r}, alpha={cfg.peft_lora_alpha}, dropout={cfg.peft_lora_dropout}, modules={cfg.peft_target_modules}" if cfg.use_peft else ""}
-- learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}, warmup {cfg.warmup_ratio}), batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation, {summary.get('steps')} steps, seed {cfg.seed}
-- prompt loss weight {cfg.prompt_loss_weight}, seq_length {cfg.seq_length}, precision {summary.get('precision')}
-- final training loss {summary.get('train_loss')}, validation loss {summary.get('eval_loss')}
+- method: {plan.method}{lora}
+- learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}, warmup {cfg.warmup_ratio}), batch {cfg.batch_size} x \
+{cfg.gradient_accumulation_steps} accumulation, {summary.get('steps')} steps, seed {cfg.seed}
+- {plan.prompt_format} prompts, prompt loss weight {cfg.prompt_loss_weight}, seq_length {cfg.seq_length}, \
+{plan.precision} on {plan.device}
+- final training loss {summary.get('train_loss')}, validation loss {summary.get('eval_loss')}{best}
 
 ## Results on held-out prompts (greedy)
 ```
@@ -1051,122 +1803,132 @@ Fine-tuned from `{cfg.model_name}` on `{cfg.dataset_name}` with {method} by fine
 ## Use
 ```python
 {load}
+{ask}
+answer = model.generate(ids, max_new_tokens=64, do_sample=False)  # stops at the tokens in generation_config.json
 ```
 The full configuration is in `config.yml`, the training log in `metrics.jsonl`, the scored answers in `eval.json`.
 """
 
 
-def write_final(trainer, tokenizer, cfg: Config, summary: dict) -> Path:
-    """Save model (or adapter), tokenizer, config, metrics and card to output_dir/final, atomically."""
+def write_final(model, tokenizer, cfg: Config, plan: Plan, summary: dict) -> Path:
+    """The result at the root of output_dir, where Trainer.save_model, TRL and PEFT's loaders put it: weights (or
+    adapter), tokenizer, generation config, config.yml, eval.json and model card, beside metrics.jsonl and loss.png."""
+    formats = [entry["format"] for entry in summary.get("data", {}).values()]
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        saved_tokenizer(tokenizer, plan, formats).save_pretrained(folder)
+        generation_config(model, tokenizer).save_pretrained(folder)
+        (folder / "config.yml").write_text(yaml.safe_dump(trained_config(cfg, plan), sort_keys=False))
+        (folder / "eval.json").write_text(json.dumps(summary, indent=2))
+        (folder / "README.md").write_text(model_card(cfg, plan, summary))
+
     out = Path(cfg.output_dir)
-    tmp, final = out / ".final.tmp", out / "final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "config.yml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    for name in ("metrics.jsonl", "loss.png"):
-        if (out / name).exists():
-            shutil.copy(out / name, tmp / name)
-    (tmp / "eval.json").write_text(json.dumps(summary, indent=2))
-    (tmp / "README.md").write_text(model_card(cfg, summary))
-    if final.exists():
-        old = out / ".final.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    return final
+    publish_result(out, write, kept=[name for name in ("metrics.jsonl", "loss.png") if (out / name).exists()])
+    return out
 
 
-def push_folder(cfg: Config, folder: Path) -> str:
-    """Upload the final folder to the Hub with the token from the environment; fails with a clear message."""
+def push_run(cfg: Config, folder: Path) -> str:
+    """Upload a finished run's result (not its checkpoints) with the token from the environment."""
     from huggingface_hub import HfApi
 
+    files = finished_run(folder)["files"]
     if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
         raise UserError(f"push_to_hub: no HF_TOKEN in the environment; the model is saved in {folder}; "
-                        f"export HF_TOKEN=... and run: python finetune.py push --config <your config>")
+                        f"export HF_TOKEN=... and run: python finetune.py push --model {folder}")
+    if not cfg.hub_model_id:
+        raise UserError("push needs hub_model_id (user/name): python finetune.py push hub_model_id=user/name")
     api = HfApi()
     try:
         api.create_repo(cfg.hub_model_id, private=cfg.hub_private_repo, exist_ok=True)
-        api.upload_folder(repo_id=cfg.hub_model_id, folder_path=str(folder), commit_message="finetune.py: upload model")
-    except Exception as e:
-        raise UserError(f"push_to_hub: upload to {cfg.hub_model_id} failed ({first_line(e)}); the model is saved in {folder}") from None
+        api.upload_folder(repo_id=cfg.hub_model_id, folder_path=str(folder), allow_patterns=files,
+                          commit_message="finetune.py: upload model")
+    except (OSError, ValueError) as e:  # offline, bad token, no rights: huggingface_hub's errors are OSError/ValueError
+        raise UserError(f"push_to_hub: upload to {cfg.hub_model_id} failed ({first_line(e)}); the model is saved in "
+                        f"{folder}") from None
     return f"https://huggingface.co/{cfg.hub_model_id}"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Use a finished run: score it, answer prompts (beside the base model), merge the adapter, push.
-# ---------------------------------------------------------------------------------------------------------------------
+# =====================================================================================================================
+# Appendix A. Finished-run commands: eval, generate, merge, export, push. Each reads the run's own saved config.
+# =====================================================================================================================
 
-def saved_folder(cfg: Config, path: str | None = None) -> Path:
-    folder = Path(path) if path else Path(cfg.output_dir) / "final"
-    if not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
-        raise UserError(f"no saved model in {folder}: train first, or pass --model PATH to a run's final folder")
-    return folder
+def finished_run(folder: Path) -> dict:
+    """A finished run's marker (the list of its result files); a folder without one is refused."""
+    marker = folder / RESULT_MARKER
+    if not marker.is_file():
+        hint = (" (its final save was cut off: resume it with resume_from_checkpoint=auto)"
+                if any(folder.glob("checkpoint-*")) else "")
+        raise UserError(f"no finished run in {folder}{hint}: train first, or pass --model PATH to a run's output_dir")
+    return json.loads(marker.read_text())
 
 
-def load_finetuned(cfg: Config, folder: Path):
-    """(model, tokenizer) of a saved run: the configured base plus the adapter, or the saved full model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def run_config(folder: Path, named: dict[str, Any], where: str) -> Config:
+    """The config a finished run trained with (its saved config.yml), changed only where the user names a key on this
+    command (in --config or as key=value)."""
+    finished_run(folder)
+    values = {**read_config_file(str(folder / "config.yml")), **named, "output_dir": str(folder)}
+    return make_config(values, where, frozenset(named))
 
-    device = pick_device()
-    precision = resolve_precision(cfg, device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+def run_plan(cfg: Config, folder: Path):
+    """(plan, tokenizer) of a finished run on this machine: its own tokenizer and prompt format."""
+    tokenizer = load_tokenizer(cfg, source=str(folder))
+    return make_plan(cfg, tokenizer, load_model_config(cfg)), tokenizer
+
+
+def load_finetuned(cfg: Config, plan: Plan, folder: Path):
+    """The fine-tuned model of a run: its base plus the adapter, or its full weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     if (folder / "adapter_config.json").exists():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_base_model(cfg, precision, device, attn=None), folder)
+        model = PeftModel.from_pretrained(load_base_model(cfg, plan, for_training=False), folder)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(precision))
-    if device == "cuda" and not (cfg.load_in_4bit or cfg.load_in_8bit):
-        model = model.to(device)
-    return model, tokenizer
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(plan.precision))
+    return model.to(plan.device) if plan.device == "cuda" and not (cfg.load_in_4bit or cfg.load_in_8bit) else model
 
 
 @contextmanager
-def base_model(cfg: Config, model):
-    """The base model beside a saved run: its adapter switched off, or (for a full fine-tune) the base loaded again."""
+def base_model(cfg: Config, plan: Plan, model):
+    """The base model beside a run: its adapter switched off, or (for a full fine-tune) the base loaded again."""
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield model
     else:
-        device = pick_device()
-        yield load_base_model(cfg, resolve_precision(cfg, device), device, attn=None).to(device)
+        yield load_base_model(cfg, plan, for_training=False).to(plan.device)
 
 
-def saved_summary(folder: Path) -> dict:
-    """A saved run's eval.json (scores, steps, data format), or {} when it has none."""
-    return json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
-
-
-def eval_run(cfg: Config, folder: Path) -> dict:
-    """`eval`: the after-training evaluation again, on any saved run; updates the run's eval.json."""
-    model, tokenizer = load_finetuned(cfg, folder)
-    val_rows = load_dataset_splits(cfg)[1] if not cfg.test_dataset else None
-    pairs = test_pairs(load_test_rows(cfg, val_rows), tokenizer, cfg)
+def eval_run(cfg: Config, folder: Path, model_file: Path | None = None) -> dict:
+    """`eval`: score a finished run again (base vs fine-tuned) on its test rows and rewrite its eval.json; with
+    --model FILE.gguf, score that exported file, as transformers' GGUF reader loads it, beside the run's scores."""
+    plan, tokenizer = run_plan(cfg, folder)
+    sources = [] if cfg.test_dataset else load_sources(cfg)
+    pairs = load_test_pairs(cfg, plan, tokenizer, sources)
     if not pairs:
-        raise UserError("nothing to score: set test_dataset to a prompt/completion or messages file, or validation_split > 0")
-    summary = saved_summary(folder)
-    if cfg.eval_before:
-        with base_model(cfg, model) as base:
-            summary["base"] = evaluate_generation(base, tokenizer, pairs, cfg)[0]
-    summary["fine_tuned"], samples = evaluate_generation(model, tokenizer, pairs, cfg)
-    summary["wrong"] = [s for s in samples if not s["exact"]]
-    (folder / "eval.json").write_text(json.dumps(summary, indent=2))
-    print(results_table(summary.get("base"), summary["fine_tuned"]))
+        raise UserError("nothing to score: set test_dataset to a prompt/completion or messages file, or "
+                        "validation_split > 0")
+    summary = json.loads((folder / "eval.json").read_text())
+    if model_file is not None:
+        from transformers import AutoModelForCausalLM
+
+        gguf = AutoModelForCausalLM.from_pretrained(model_file.parent, gguf_file=model_file.name)
+        summary.setdefault("exported", {})[model_file.name], _ = score_generation(
+            gguf, tokenizer, pairs, cfg, plan, model_file.name)
+        print(results_table(summary["fine_tuned"], summary["exported"][model_file.name]).replace(
+            "base", "run ").replace("fine-tuned", "gguf file "))
+    else:
+        model = load_finetuned(cfg, plan, folder)
+        if cfg.eval_before:
+            with base_model(cfg, plan, model) as base:
+                summary["base"], _ = score_generation(base, tokenizer, pairs, cfg, plan, "base model")
+        summary["fine_tuned"], samples = score_generation(model, tokenizer, pairs, cfg, plan, "fine-tuned model")
+        summary["wrong"] = [s for s in samples if not s["exact"]]
+        print(results_table(summary.get("base"), summary["fine_tuned"]))
+    write_file_atomically(folder / "eval.json", json.dumps(summary, indent=2).encode())
     return summary
-
-
-def model_prompts(texts: list[str], tokenizer, folder: Path) -> list[str]:
-    """Users' prompts as the model was trained to see them: through the chat template when it learned from chat
-    messages (or nothing else is known and the model has a template), raw when it learned from raw prompts."""
-    chat = saved_summary(folder).get("data_format", "messages") == "messages" and getattr(tokenizer, "chat_template", None)
-    if not chat:
-        return list(texts)
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-            for t in texts]
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
@@ -1176,23 +1938,31 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
         if not path.is_file():
             raise UserError(f"--prompts-file: file not found: {prompts_file}")
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line) if line.lstrip().startswith("{") else line
-                found.append(row["prompt"] if isinstance(row, dict) and "prompt" in row else row)
+            except ValueError:
+                raise UserError(f"{prompts_file}:{number}: not valid JSON; write one prompt a line, or a JSON "
+                                f"object with 'prompt'") from None
+            found.append(row["prompt"] if isinstance(row, dict) and "prompt" in row else row)
     if not found or not all(isinstance(p, str) for p in found):
-        raise UserError("generate needs prompts: --prompt TEXT (repeatable) or --prompts-file FILE (one per line, or jsonl with 'prompt')")
+        raise UserError("generate needs prompts: --prompt TEXT (repeatable) or --prompts-file FILE (one per line, or "
+                        "jsonl with 'prompt')")
     return found
 
 
 def generate_run(cfg: Config, folder: Path, prompts: list[str], compare: bool) -> list[dict]:
-    """`generate`: greedy answers of the fine-tuned model, and with --compare of the base model beside them."""
-    model, tokenizer = load_finetuned(cfg, folder)
-    texts = model_prompts(prompts, tokenizer, folder)
-    tuned = generate_answers(model, tokenizer, texts, cfg.eval_max_new_tokens)
-    base = [None] * len(texts)
+    """`generate`: greedy answers of the fine-tuned model to prompts shown as in training (the chat template for a
+    chat-trained run, raw otherwise), and with --compare the base model's beside them."""
+    plan, tokenizer = run_plan(cfg, folder)
+    model = load_finetuned(cfg, plan, folder)
+    ids = [prompt_ids(tokenizer, p, cfg, plan) for p in prompts]
+    tuned, _ = generate_answers(model, tokenizer, ids, cfg.eval_max_new_tokens)
+    base = [None] * len(prompts)
     if compare:
-        with base_model(cfg, model) as reference:
-            base = generate_answers(reference, tokenizer, texts, cfg.eval_max_new_tokens)
+        with base_model(cfg, plan, model) as reference:
+            base, _ = generate_answers(reference, tokenizer, ids, cfg.eval_max_new_tokens)
     results = [{"prompt": p, "fine_tuned": t, "base": b} for p, t, b in zip(prompts, tuned, base)]
     for r in results:
         print(f"### prompt\n{r['prompt']}")
@@ -1202,48 +1972,282 @@ def generate_run(cfg: Config, folder: Path, prompts: list[str], compare: bool) -
     return results
 
 
-def merge_run(cfg: Config, folder: Path) -> Path:
-    """`merge`: the adapter folded into the base weights, saved as a standalone safetensors model in
-    <output_dir>/merged. The base is reloaded in 16-bit (never merged into 4/8-bit weights, which would round the
-    update away)."""
+def merged_model(cfg: Config, folder: Path):
+    """(model, tokenizer) of a run as one standalone model: the adapter folded into a 16-bit (or fp32) copy of the
+    base, never into 4/8-bit weights, which would round the update away; a full fine-tune as saved."""
+    plan, tokenizer = run_plan(cfg, folder)
+    if not (folder / "adapter_config.json").exists():
+        return load_finetuned(cfg, plan, folder), tokenizer
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
+    stored = getattr(load_model_config(cfg), "dtype", None)  # as the base is saved, e.g. bf16
+    exact = dataclasses.replace(plan, precision="fp32")  # the update is added in fp32, then stored as the base is
+    merged = PeftModel.from_pretrained(load_base_model(cfg, exact, quantize=False, for_training=False), folder)
+    merged = merged.merge_and_unload()
+    return (merged.to(stored) if stored is not None else merged), tokenizer
+
+
+def merge_run(cfg: Config, folder: Path) -> Path:
+    """`merge`: <run>/merged, a standalone safetensors model with the run's tokenizer and stop tokens."""
     if not (folder / "adapter_config.json").exists():
         raise UserError(f"{folder} holds a full model, not an adapter: it is already standalone")
-    device = pick_device()
-    precision = resolve_precision(cfg, device)
-    base = load_base_model(cfg, precision, device, attn=None, quantize=False)
-    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
-    out = Path(cfg.output_dir) / "merged"
-    tmp = out.with_name(".merged.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    model, tokenizer = merged_model(cfg, folder)
+    model.generation_config = generation_config(model, tokenizer)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return replace_folder(folder / "merged", write)
+
+
+# =====================================================================================================================
+# Appendix B. GGUF export: a finished run as one file for llama.cpp, Ollama and LM Studio, written with gguf-py.
+# =====================================================================================================================
+
+# Conventions follow llama.cpp's convert_hf_to_gguf.py (LlamaModel, Qwen2Model): its tensor names (gguf-py's map),
+# metadata keys, Q/K row order and tokenizer description, so that llama.cpp reads the file as its own converter's.
+GGUF_ARCHITECTURES = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2"}
+GGUF_FILE_TYPES = {"f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+                   "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+                   "q4_1": ("Q4_1", "MOSTLY_Q4_1"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
+# A byte-level BPE pre-tokenizer is named by the sha256 of the ids this text encodes to (llama.cpp's
+# get_vocab_base_pre; the text and hashes come from there), so that llama.cpp splits text as the tokenizer does.
+PRE_TOKENIZER_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 "
+    "33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
+    "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3.x
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",  # Llama 3 vocab, no BOS
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / Qwen2 / Qwen2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-style vocabulary
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
+}
+
+
+def export_run(cfg: Config, folder: Path, gguf_type: str) -> Path:
+    """`export`: <run>/gguf/<name>-<type>.gguf, the run merged into a 16-bit base as `merge` makes it, then converted,
+    and an Ollama Modelfile beside it; each written aside and renamed into place."""
+    import errno
+
+    started = time.perf_counter()
+    model, tokenizer = merged_model(cfg, folder)
+    architecture = (model.config.architectures or ["?"])[0]
+    if architecture not in GGUF_ARCHITECTURES:
+        raise UserError(f"export: {architecture} models cannot be exported to GGUF; supported: "
+                        f"{', '.join(GGUF_ARCHITECTURES)}")
+    out = folder / "gguf" / f"{folder.resolve().name}-{gguf_type}.gguf"
+    steps = json.loads((folder / "eval.json").read_text()).get("steps")
+    description = (f"{training_method(cfg)} fine-tune of {cfg.model_name} by finetune.py ({steps} steps on "
+                   f"{cfg.dataset_name}; {cfg.prompt_format} prompts)")
+    out.parent.mkdir(exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        write_gguf(model, tokenizer, folder, tmp, gguf_type, out.stem, description)
+        os.replace(tmp, out)
+        write_file_atomically(out.with_suffix(".Modelfile"), ollama_modelfile(out.name, tokenizer, cfg).encode())
+    except OSError as e:  # numpy's tofile reports a short write (a full disk) with no errno, only its byte counts
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) and "requested and" not in str(e):
+            raise
+        raise UserError(f"export: cannot write {out.parent} ({e.strerror or 'the disk is full'}); free some space "
+                        f"and run export again; nothing there was replaced") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    modelfile = out.with_suffix(".Modelfile")
+    print(f"exported {out} ({out.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - started:.0f} s); for "
+          f"Ollama: ollama create {out.stem} -f {modelfile}")
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Memory estimate: expected peak memory of a run from the model's config alone (no weights loaded).
-# ---------------------------------------------------------------------------------------------------------------------
+def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, gguf_type: str, name: str, description: str):
+    """The model's weights (named, ordered and typed as llama.cpp expects), its hyperparameters and its tokenizer
+    (vocab, merges, token types, BOS/EOS/PAD and end-of-turn ids, the chat template when it has one) in one file."""
+    import gguf
+    import numpy as np
+    import torch
 
-def load_model_config(cfg: Config):
-    from transformers import AutoConfig
+    c, Q = model.config, gguf.GGMLQuantizationType
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHITECTURES[c.architectures[0]])
+    weight_type, file_type = (getattr(Q, GGUF_FILE_TYPES[gguf_type][0]),
+                              getattr(gguf.LlamaFileType, GGUF_FILE_TYPES[gguf_type][1]))
+    n_head, n_vocab = c.num_attention_heads, c.vocab_size
+    n_kv = getattr(c, "num_key_value_heads", None) or n_head
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_head
+    rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "yarn", "llama3"):
+        raise UserError(f"export: rope scaling {rope_type!r} has no GGUF form yet; supported: linear, yarn, llama3")
 
-    source, extra = model_source(cfg.model_name)
+    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
+    tensors, hf_names = {}, {}  # GGUF name -> tensor (in the model's order), and -> the name users know
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name.endswith("rotary_emb.inv_freq") or (c.tie_word_embeddings and hf_name == "lm_head.weight"):
+            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
+        if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            # HF rotates the two halves of each head, llama.cpp adjacent pairs: interleave each head's rows
+            heads = n_head if "q_proj" in hf_name else n_kv
+            tensor = tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(tensor.shape)
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        tensors[gguf_name], hf_names[gguf_name] = tensor, hf_name
+    if rope_type == "llama3":  # Llama 3.1's frequency rescaling travels as a tensor (LlamaModel.generate_extra_tensors)
+        tensors["rope_freqs.weight"] = llama3_rope_factors(rope, theta, head_dim)
+
+    def tensor_type(gguf_name: str, tensor) -> Any:
+        if tensor.ndim == 1 or not gguf_name.endswith(".weight"):
+            return Q.F32  # norms, biases: llama.cpp keeps them in f32
+        if gguf_type.startswith(("q4", "q5")) and gguf_name in ("output.weight", "token_embd.weight"):
+            return Q.Q8_0  # llama-quantize keeps these at Q6_K, which gguf-py cannot write; Q8_0 is the next best
+        return weight_type
+
+    types = {n: tensor_type(n, t) for n, t in tensors.items()}
+    misfits = [hf_names.get(n, n) for n, t in tensors.items() if t.shape[-1] % gguf.GGML_QUANT_SIZES[types[n]][0]]
+    if misfits:
+        raise UserError(f"export: {gguf_type} stores rows in blocks of {gguf.GGML_QUANT_SIZES[weight_type][0]}, and "
+                        f"these tensors' rows do not divide: {', '.join(misfits[:4])}; export f16 or bf16 instead")
+
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_description(description)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(theta)
+    if rope_type in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_type))
+        writer.add_rope_scaling_factor(rope["factor"])
+        if rope_type == "yarn":
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_gguf_tokenizer(writer, tokenizer, tokenizer_dir, n_vocab)
+    for gguf_name, tensor in tensors.items():
+        block, size = gguf.GGML_QUANT_SIZES[types[gguf_name]]
+        writer.add_tensor_info(gguf_name, tuple(tensor.shape), np.float32, tensor.numel() // block * size,
+                               raw_dtype=types[gguf_name])
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, token=hub_token(cfg), **extra)
-    except Exception as e:
-        raise UserError(f"model_name {cfg.model_name!r}: cannot read its config ({first_line(e)})") from None
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for gguf_name, tensor in tensors.items():  # one tensor at a time: memory stays near the largest tensor
+            kind = types[gguf_name]
+            if kind == Q.BF16:  # plain casts through torch; gguf-py's numpy paths are far slower
+                data = tensor.to(torch.bfloat16).view(torch.int16).numpy()
+            elif kind == Q.F16:
+                data = tensor.to(torch.float16).numpy()
+            else:
+                data = gguf.quants.quantize(tensor.to(torch.float32).numpy(), kind)
+            writer.write_tensor_data(data)
+    finally:
+        writer.close()
 
+
+def add_gguf_tokenizer(writer, tokenizer, tokenizer_dir: Path, n_vocab: int) -> None:
+    """Vocabulary, token types, merges and special ids as llama.cpp's converter writes them, and the chat template
+    that the run's tokenizer carries (none for a raw-prompt run)."""
+    import gguf
+
+    model = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    if model["type"] != "BPE":
+        raise UserError(f"export: {model['type']} tokenizers have no GGUF form here yet; BPE tokenizers (Llama, "
+                        f"Mistral, Qwen2, SmolLM) export")
+    sentencepiece = bool(model.get("byte_fallback"))  # Llama 2 / Mistral: llama.cpp's "llama" tokenizer model
+    vocab, added = tokenizer.get_vocab(), tokenizer.added_tokens_decoder
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=n_vocab)  # merges, BOS/EOS/UNK/PAD ids
+    by_id = {i: token for token, i in vocab.items()}
+    tokens, kinds = [], []
+    for i in range(n_vocab):
+        token = by_id.get(i, f"[PAD{i}]")
+        if i not in by_id:
+            kind = gguf.TokenType.UNUSED  # embedding rows past the tokenizer (a padded vocabulary)
+        elif sentencepiece and i == tokenizer.unk_token_id:
+            kind = gguf.TokenType.UNKNOWN
+        elif i in added:  # llama.cpp treats <|...|> as control tokens even when not flagged special
+            control = added[i].special or (token.startswith("<|") and token.endswith("|>"))
+            kind = gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED
+        elif sentencepiece and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            kind = gguf.TokenType.BYTE
+        else:
+            kind = gguf.TokenType.NORMAL
+        tokens.append(token)
+        kinds.append(kind)
+    writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
+    if sentencepiece:  # llama.cpp merges the highest-scoring pair first: a token's score is minus its merge rank
+        writer.add_tokenizer_pre("default")
+        rank = {}
+        for r, merge in enumerate(special.merges):
+            rank.setdefault(merge.replace(" ", ""), r)
+        writer.add_token_scores([-float(rank.get(t, len(rank))) if k == gguf.TokenType.NORMAL else 0.0
+                                 for t, k in zip(tokens, kinds)])
+    else:
+        digest = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_TEXT)).encode()).hexdigest()
+        if digest not in PRE_TOKENIZERS:
+            raise UserError(f"export: llama.cpp does not know this tokenizer's pre-tokenizer (hash {digest}), so it "
+                            f"would split text differently; export is refused rather than silently wrong")
+        writer.add_tokenizer_pre(PRE_TOKENIZERS[digest])
+    writer.add_token_list(tokens)
+    writer.add_token_types(kinds)
+    with_specials, bare = tokenizer.encode("a"), tokenizer.encode("a", add_special_tokens=False)
+    special.add_special_token.update(bos=with_specials[:1] != bare[:1], eos=with_specials[-1:] != bare[-1:])
+    end_of_turn = end_of_turn_token(tokenizer)
+    if end_of_turn is not None:
+        special.special_token_ids["eot"] = tokenizer.convert_tokens_to_ids(end_of_turn)
+    special.chat_template = getattr(tokenizer, "chat_template", None)  # not the folder's: the run's, or none
+    special.add_to_gguf(writer, quiet=True)
+
+
+def llama3_rope_factors(rope: dict, theta: float, head_dim: int):
+    """Llama 3.1's per-frequency rope scaling, as llama.cpp's converter computes it."""
+    import math
+
+    import torch
+
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    wavelength = 2 * math.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    smooth = (old_context / wavelength - low) / (high - low)
+    middle = 1 / ((1 - smooth) / factor + smooth)
+    scaled = torch.where(wavelength > old_context / low, factor, middle)
+    return torch.where(wavelength < old_context / high, 1.0, scaled)
+
+
+def ollama_modelfile(gguf_name: str, tokenizer, cfg: Config) -> str:
+    """FROM the file, a TEMPLATE that shows prompts exactly as training did, and stops at end-of-turn and EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": "{{ .System }}"}] if cfg.system_prompt is not None else []) + [
+            {"role": "user", "content": "{{ .Prompt }}"}]
+        template = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        template = "{{ .Prompt }}"  # a raw-prompt run: the prompt as it is, no chat wrapping
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    if cfg.system_prompt is not None:
+        lines.append(f'SYSTEM """{cfg.system_prompt}"""')
+    lines += [f'PARAMETER stop "{tokenizer.convert_ids_to_tokens(i)}"' for i in stop_token_ids(tokenizer)]
+    return "\n".join(lines) + "\n"
+
+
+# =====================================================================================================================
+# Appendix C. Memory estimate: expected peak memory of a run from the model's config alone (no weights loaded).
+# =====================================================================================================================
 
 def available_memory(device: str) -> int:
+    """This machine's memory on the device in bytes; 0 for a device it does not have."""
     if device == "cuda":
         import torch
 
-        return torch.cuda.mem_get_info()[1]
+        return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else 0
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -1259,43 +2263,57 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
-def estimate_memory(cfg: Config, model_config, gradient_checkpointing: bool, device: str = "cpu") -> dict[str, int]:
-    """Expected peak bytes of a training run, by component, for a Llama-like decoder, from its config alone.
-    Activation bytes per token and layer follow the layer shapes, scaled to peaks measured on this project's CPU runs
-    (bench/ and tests/test_estimate.py): LoRA over a 16-bit base; x1.58 for k-bit bases, whose embeddings and norms PEFT
-    keeps in fp32 (so the residual stream is fp32); x1.2 for full fine-tunes (fp32 master weights under autocast)."""
+def estimate_memory(cfg: Config, model_config, precision: str, gradient_checkpointing: bool,
+                    device: str = "cpu") -> dict[str, int]:
+    """Expected peak bytes of a training run, by component, for a Llama-like decoder, from its config alone, in the
+    precision the run will really compute in (the plan's, not the literal key: fp32 on CPUs without bf16 units)."""
     c = model_config
     hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
     inter = getattr(c, "intermediate_size", None) or 4 * hidden
     heads = c.num_attention_heads
     kv = (getattr(c, "num_key_value_heads", None) or heads) * (getattr(c, "head_dim", None) or hidden // heads)
     names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter),
+              (inter, hidden)]
     linear = sum(i * o for i, o in shapes) * layers
     embed = vocab * hidden * (1 if getattr(c, "tie_word_embeddings", False) else 2)
     quantized = cfg.load_in_4bit or cfg.load_in_8bit
-    half = 4 if cfg.precision == "fp32" else 2
-    if cfg.load_in_4bit:
+    half = 4 if precision == "fp32" else 2  # bytes per value of the base weights and activations
+    if cfg.load_in_4bit:  # 4 bits per weight plus the block constants: 32-bit per 64 weights, or 8-bit when doubled
         weights = linear * (0.5 + (0.127 if cfg.bnb_4bit_use_double_quant else 0.5) / 8) + embed * 4
     elif cfg.load_in_8bit:
-        weights = linear * 1.0 + embed * 4
+        weights = linear * 1.0 + embed * 4  # PEFT's k-bit preparation keeps embeddings (and norms) in fp32
     else:
-        weights = (linear + embed) * (half if cfg.use_peft else 4)
+        weights = (linear + embed) * (half if cfg.use_peft else 4)  # full fine-tunes keep fp32 master weights
     if cfg.use_peft:
-        targeted = shapes if cfg.peft_target_modules == "all-linear" else [s for n, s in zip(names, shapes) if n in cfg.peft_target_modules]
+        targeted = (shapes if cfg.peft_target_modules == "all-linear"
+                    else [s for n, s in zip(names, shapes) if n in cfg.peft_target_modules])
         trainable = sum(cfg.peft_lora_r * (i + o) for i, o in targeted) * layers
     else:
         trainable = linear + embed
-    state_bytes = {"sgd": 0, "adafactor": 1, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2, "lion_8bit": 1}.get(cfg.optim, 8)
+    state_bytes = {"sgd": 0, "adafactor": 1, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2,
+                   "lion_8bit": 1}.get(cfg.optim, 8)  # Adam: two fp32 moments per trainable parameter
     tokens = cfg.batch_size * cfg.seq_length
-    per_token_layer = (16 * hidden + 8 * kv + 5 * inter) * half * (1.58 if quantized else 1.0 if cfg.use_peft else 1.2)
-    if gradient_checkpointing:  # layer inputs only, plus one layer's activations during its recompute
-        activations = tokens * layers * hidden * (4 if quantized else half) + tokens * per_token_layer
+    # What autograd keeps per token and layer for backward, counted from a Llama layer with LoRA on every linear
+    # (norm inputs and outputs, q/k/v/o and their LoRA inputs, attention output, the MLP's gate, up, product and
+    # activation): about 16 hidden + 8 kv + 5 intermediate values, times a factor fitted to the peaks that
+    # tests/test_estimate.py measures (16-bit on an AVX512-BF16 CPU, fp32 on an AVX2-only one). In 16-bit, k-bit
+    # bases keep the residual stream in fp32 (PEFT's k-bit preparation) and full fine-tunes keep half-precision copies
+    # of fp32 weights' inputs; in fp32 neither happens, and fewer tensors are kept than counted.
+    kind = "k-bit" if quantized else "lora" if cfg.use_peft else "full"
+    fit = {("lora", 2): 1.0, ("k-bit", 2): 1.58, ("full", 2): 1.2, ("lora", 4): 0.94, ("k-bit", 4): 0.73,
+           ("full", 4): 0.51}[(kind, half)]
+    per_token_layer = (16 * hidden + 8 * kv + 5 * inter) * half * fit
+    if gradient_checkpointing:  # layer inputs, one layer's activations during its recompute, and (measured for fp32
+        # LoRA, not explained by the shapes) 8 more hidden-sized fp32 values per token and layer
+        kept = hidden * (4 if quantized else half) + (8 * hidden * 4 if cfg.use_peft and half == 4 else 0)
+        activations = tokens * layers * kept + tokens * per_token_layer
     else:
         activations = tokens * layers * per_token_layer
-    chunk_rows = min(tokens, 2**25 // vocab)
+    chunk_rows = min(tokens, 2**25 // vocab)  # the fused loss's row chunk (fused_linear_cross_entropy)
     loss = chunk_rows * vocab * 4 * 3 + tokens * hidden * 4  # fp32 logit chunk, its softmax/grad, the hidden grad
-    runtime = int(1.2 * GiB) if device == "cpu" else GiB // 2  # Python + torch + libraries (RSS) / CUDA context
+    # Python + torch + transformers + trl as imported (RSS measured on CPU) / the CUDA context.
+    runtime = int(1.2 * GiB) if device == "cpu" else GiB // 2
     # LoRA parameters are fp32 beside the base (value + gradient); a full fine-tune's are the weights (gradient only)
     parts = {"weights": weights, "trainable parameters + gradients": trainable * (8 if cfg.use_peft else 4),
              "optimizer states": trainable * state_bytes,
@@ -1309,7 +2327,7 @@ def gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def settings_that_fit(cfg: Config, model_config, budget: int, device: str) -> list[str]:
+def settings_that_fit(cfg: Config, model_config, plan: Plan, budget: int) -> list[str]:
     """Ways to fit the budget, cheapest change first: checkpointing, smaller batches with more accumulation, 4-bit."""
     found = []
     bases = [{}] + ([{"load_in_4bit": True, "load_in_8bit": False}] if cfg.use_peft and not cfg.load_in_4bit else [])
@@ -1317,9 +2335,11 @@ def settings_that_fit(cfg: Config, model_config, budget: int, device: str) -> li
         for checkpointing in (False, True):
             batch = cfg.batch_size
             while batch >= 1:
+                accumulation = max(1, cfg.gradient_accumulation_steps * cfg.batch_size // batch)
                 change = {**base, "gradient_checkpointing": checkpointing, "batch_size": batch,
-                          "gradient_accumulation_steps": max(1, cfg.gradient_accumulation_steps * cfg.batch_size // batch)}
-                total = estimate_memory(cfg.model_copy(update=change), model_config, checkpointing, device)["total"]
+                          "gradient_accumulation_steps": accumulation}
+                trial = cfg.model_copy(update=change)
+                total = estimate_memory(trial, model_config, plan.precision, checkpointing, plan.device)["total"]
                 if total <= budget:
                     found.append(" ".join(f"{k}={str(v).lower()}" for k, v in change.items()) + f"  (~{gib(total)})")
                     break
@@ -1327,53 +2347,64 @@ def settings_that_fit(cfg: Config, model_config, budget: int, device: str) -> li
     return found
 
 
-def estimate_run(cfg: Config, budget: str | None) -> None:
-    """--estimate: print the expected peak memory of the configured run (no weights loaded), and what fits a budget."""
-    device = pick_device()
+def estimate_run(cfg: Config, budget: str | None, device: str | None = None) -> None:
+    """--estimate: the expected peak memory of the configured run from the model's config alone (no weights, no
+    tokenizer), on this machine or the given device, and what fits a budget."""
     model_config = load_model_config(cfg)
-    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing != "auto" else decide_gradient_checkpointing(cfg, device)
-    parts = estimate_memory(cfg, model_config, checkpointing, device)
-    method = "QLoRA 4-bit" if cfg.load_in_4bit else "LoRA 8-bit" if cfg.load_in_8bit else "LoRA" if cfg.use_peft else "full fine-tune"
-    print(f"memory estimate: {cfg.model_name}, {method}, batch {cfg.batch_size} x {cfg.seq_length} tokens, "
-          f"gradient checkpointing {'on' if checkpointing else 'off'}, on {device}")
+    limit = parse_size(budget) if budget else None
+    plan = make_plan(cfg, None, model_config, device=device, memory=limit)
+    parts = estimate_memory(cfg, model_config, plan.precision, plan.gradient_checkpointing, plan.device)
+    print(f"memory estimate: {cfg.model_name}, {plan.method}, batch {cfg.batch_size} x {cfg.seq_length} tokens, "
+          f"{plan.precision}, gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
+          f"on {plan.device}")
     for name, value in parts.items():
         print(f"  {name:<36}{gib(value):>12}")
-    if budget:
-        limit = parse_size(budget)
-        verdict = "fits" if parts["total"] <= limit else "does not fit"
-        print(f"budget {gib(limit)}: the configured run {verdict}")
-        options = settings_that_fit(cfg, model_config, limit, device)
+    if limit:
+        print(f"budget {gib(limit)}: the configured run {'fits' if parts['total'] <= limit else 'does not fit'}")
+        options = settings_that_fit(cfg, model_config, plan, limit)
         print("settings that fit:" if options else "nothing fits: use a smaller model or a shorter seq_length")
         for option in options:
             print(f"  {option}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Run: the output folder and its lock, checkpoints to resume, and the pipeline end to end.
-# ---------------------------------------------------------------------------------------------------------------------
+# =====================================================================================================================
+# Appendix D. Output-folder safety: one run per folder, nothing half-written, checkpoints that can really be resumed.
+# =====================================================================================================================
 
 def is_main_process() -> bool:
     """Rank 0 under torchrun / accelerate launch (they set RANK), or a plain single process."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def lock_output_dir(out: Path):
-    """An exclusive lock on output_dir/.lock for this process's lifetime: a second run on the same folder refuses."""
+@contextmanager
+def output_dir_lock(output_dir: str, hold: bool = True):
+    """An exclusive lock on output_dir/.lock while the block runs, so that a second run on the same folder refuses.
+    hold=False only checks that no running job holds it (--validate; ranks other than 0), creating nothing."""
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
-    handle = (out / ".lock").open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    out = Path(output_dir)
+    if not hold and not (out / ".lock").is_file():
+        yield
+        return
+    if hold:
+        out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"output_dir {out} is in use by a running job ({holder}); wait for it or choose another "
+                            f"output_dir") from None
+        if not hold:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            yield
+            return
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        raise UserError(f"output_dir {out} is in use by a running job ({holder}); wait for it or choose another output_dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    return handle
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
 
 
 def check_output_dir(cfg: Config) -> None:
@@ -1394,6 +2425,58 @@ def clear_output_dir(cfg: Config) -> None:
         for p in Path(cfg.output_dir).iterdir():
             if p.name != ".lock":
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def written_aside(dest: Path, write) -> Path:
+    """write(folder) into a fresh hidden folder beside dest; if it fails, that folder goes and dest is untouched.
+    Returns the folder, complete."""
+    tmp = dest.parent / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def replace_folder(dest: Path, write) -> Path:
+    """dest replaced whole by what write(folder) writes: written aside, then renamed into place, the old one renamed
+    away first and deleted last, so that dest is always either the old folder or the new one."""
+    tmp, old = written_aside(dest, write), dest.parent / f".{dest.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def write_file_atomically(dest: Path, data: bytes) -> None:
+    tmp = dest.parent / f".{dest.name}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
+def publish_result(out: Path, write, kept: list[str]) -> None:
+    """The result files at the root of out: written aside in full, the old marker removed, each file moved in (a
+    rename: never half a file), stale files of an older result removed, and the marker written last, listing them."""
+    tmp = written_aside(out / "result", write)
+    marker = out / RESULT_MARKER
+    old_files = json.loads(marker.read_text())["files"] if marker.is_file() else []
+    marker.unlink(missing_ok=True)
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    tmp.rmdir()
+    for name in set(old_files) - set(files) - set(kept):
+        (out / name).unlink(missing_ok=True)
+    write_file_atomically(marker, json.dumps({"files": sorted(files + kept), "finished": time.strftime(
+        "%Y-%m-%dT%H:%M:%S")}, indent=2).encode())
 
 
 def safetensors_whole(path: Path) -> bool:
@@ -1443,30 +2526,28 @@ def resolve_checkpoint(cfg: Config) -> str | None:
             raise UserError(f"resume_from_checkpoint: folder not found: {folder}")
         problem = checkpoint_problem(folder)
         if problem:
-            raise UserError(f"resume_from_checkpoint: {folder} is incomplete ({problem}); use resume_from_checkpoint: auto to take the newest complete one")
+            raise UserError(f"resume_from_checkpoint: {folder} is incomplete ({problem}); use resume_from_checkpoint: "
+                            f"auto to take the newest complete one")
         return str(folder)
-    found = sorted(Path(cfg.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1, reverse=True)
-    for folder in found:
+
+    def step(p: Path) -> int:
+        return int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1
+
+    for folder in sorted(Path(cfg.output_dir).glob("checkpoint-*"), key=step, reverse=True):
         problem = checkpoint_problem(folder)
         if problem is None:
             print(f"resuming from {folder}")
             return str(folder)
-        print(f"warning: skipping {folder.name}: {problem} (cut off while being written); trying the previous checkpoint")
+        print(f"warning: skipping {folder.name}: {problem} (cut off while being written); trying the previous one")
     print(f"resume_from_checkpoint: auto: no complete checkpoint in {cfg.output_dir}, starting fresh")
     return None
 
 
-def summarize_logs(history: list[dict]) -> dict:
-    train = [h["loss"] for h in history if "loss" in h]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    return {"train_loss": round(train[-1], 4) if train else None, "eval_loss": round(evals[-1], 4) if evals else None}
+def check_sharding(cfg: Config) -> None:
+    """FSDP and DeepSpeed are GPU engines: accelerate runs plain data parallel on CPUs; say so rather than pretend."""
+    import importlib.util
 
-
-def check_sharding(cfg: Config, device: str) -> None:
-    """FSDP and DeepSpeed are GPU engines: accelerate runs plain data parallel on CPUs, so say so rather than pretend."""
     if cfg.deepspeed:
-        import importlib.util
-
         if not Path(cfg.deepspeed).is_file():
             raise UserError(f"deepspeed: config file not found: {cfg.deepspeed}")
         if importlib.util.find_spec("deepspeed") is None:
@@ -1474,106 +2555,20 @@ def check_sharding(cfg: Config, device: str) -> None:
     if (cfg.fsdp or cfg.deepspeed) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise UserError("fsdp/deepspeed shard across processes: launch with torchrun --nproc_per_node N finetune.py "
                         "(or accelerate launch finetune.py), or turn them off for a single process")
-    if (cfg.fsdp or cfg.deepspeed) and device == "cpu":
+    if (cfg.fsdp or cfg.deepspeed) and not cuda_available():
         print("warning: fsdp/deepspeed shard across GPUs; on this CPU the run uses plain data parallel (DDP over gloo)",
               file=sys.stderr)
 
 
-class Run(NamedTuple):
-    trainer: Any
-    tokenizer: Any
-    pairs: list[tuple[str, str]]
-    checkpoint: str | None
-    precision: str
-    data_format: str
-    lock: Any  # held while the run lives; None on ranks other than 0
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
-def prepare_trainer(cfg: Config) -> Run:
-    """Data, output folder and model, wired into a trainer, with what the rest of the run needs to know."""
-    from transformers import set_seed
-
-    check_output_dir(cfg)
-    lock = lock_output_dir(Path(cfg.output_dir)) if is_main_process() else None
-    device = pick_device()
-    check_sharding(cfg, device)
-    precision = resolve_precision(cfg, device)
-    tokenizer = load_tokenizer(cfg)
-    train_rows, val_rows = load_dataset_splits(cfg)
-    train_set, long_train = tokenize_dataset(train_rows, tokenizer, cfg, cfg.dataset_name)
-    eval_set = tokenize_dataset(val_rows, tokenizer, cfg, cfg.dataset_name)[0] if val_rows is not None else None
-    pairs = test_pairs(load_test_rows(cfg, val_rows), tokenizer, cfg)
-    if long_train:
-        print(f"{long_train} training examples are longer than seq_length={cfg.seq_length}: {cfg.long_examples}d")
-    checkpoint = resolve_checkpoint(cfg)
-    gradient_checkpointing = decide_gradient_checkpointing(cfg, device)
-    set_seed(cfg.seed)
-    model = build_model(cfg, precision, device, gradient_checkpointing)
-    if is_main_process():
-        clear_output_dir(cfg)
-    trainable, total = count_parameters(model)
-    print(f"model {cfg.model_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; {device}, {precision}, "
-          f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}; {len(train_set)} training examples")
-    trainer = make_trainer(cfg, model, tokenizer, train_set, eval_set, precision, device, gradient_checkpointing)
-    fmt = data_format(train_rows.column_names, cfg, cfg.dataset_name)
-    return Run(trainer, tokenizer, pairs, checkpoint, precision, fmt, lock)
-
-
-def run_training(cfg: Config) -> Path:
-    """The whole pipeline: prepare -> score the base -> train -> score the fine-tuned model -> save -> push."""
-    started = time.time()
-    trainer, tokenizer, pairs, checkpoint, precision, fmt, _lock = prepare_trainer(cfg)  # _lock: held until we return
-    stopper = make_stop_on_signal()
-    trainer.add_callback(stopper)
-    summary: dict[str, Any] = {"precision": precision, "data_format": fmt}
-    if cfg.eval_before and pairs and trainer.is_world_process_zero():
-        summary["base"], _ = evaluate_generation(trainer.model, tokenizer, pairs, cfg)
-        print("base model on the test rows:", summary["base"])
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if stopper.signum:
-        name = signal.Signals(stopper.signum).name
-        raise Interrupted(f"{name}: stopped at step {trainer.state.global_step} with a checkpoint in {cfg.output_dir}; "
-                          f"to continue, run the same command with resume_from_checkpoint=auto", stopper.signum)
-    history = trainer.state.log_history
-    summary.update(summarize_logs(history), steps=trainer.state.global_step)
-    if not trainer.is_world_process_zero():
-        return Path(cfg.output_dir) / "final"
-    plot_curves(history, Path(cfg.output_dir) / "loss.png")
-    best = overfitting_step(history)
-    if best is not None:
-        print(f"warning: overfitting: validation loss has risen since step {best} (its lowest) while training loss fell; "
-              f"train fewer steps/epochs, use the checkpoint nearest step {best}, or add data")
-    if pairs:
-        summary["fine_tuned"], samples = evaluate_generation(trainer.model, tokenizer, pairs, cfg)
-        summary["wrong"] = [s for s in samples if not s["exact"]]
-        print(results_table(summary.get("base"), summary["fine_tuned"]))
-    final = write_final(trainer, tokenizer, cfg, summary)
-    print(f"saved to {final} in {time.time() - started:.0f}s")
-    if cfg.merge_adapter and cfg.use_peft:
-        print(f"merged model saved to {merge_run(cfg, final)}")
-    if cfg.push_to_hub:
-        print(f"pushed to {push_folder(cfg, final)}")
-    return final
-
-
-def validate_run(cfg: Config) -> None:
-    """--validate: config, data (rows, token lengths, long examples) and model source, without training."""
-    tokenizer = load_tokenizer(cfg)
-    train_rows, val_rows = load_dataset_splits(cfg)
-    train_set, too_long = tokenize_dataset(train_rows, tokenizer, cfg, cfg.dataset_name)
-    lengths = sorted(train_set["length"])
-    print(f"config ok; dataset {cfg.dataset_name}: {data_format(train_rows.column_names, cfg, cfg.dataset_name)} rows, "
-          f"{len(train_rows)} train + {len(val_rows) if val_rows is not None else 0} validation")
-    print(f"tokens per example: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
-          f"{too_long} longer than seq_length={cfg.seq_length} ({cfg.long_examples})")
-    pairs = test_pairs(load_test_rows(cfg, val_rows), tokenizer, cfg)
-    print(f"test rows scored by generation: {len(pairs)}")
-    print(f"model source ok: {cfg.model_name}")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# CLI: train (default), eval, generate, merge, push; --validate and --estimate check without training.
-# ---------------------------------------------------------------------------------------------------------------------
+# =====================================================================================================================
+# Appendix E. Command line: train (the default), validate, eval, generate, merge, export, push; --estimate, --schema.
+# =====================================================================================================================
 
 FAST_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
@@ -1583,40 +2578,52 @@ def maybe_reexec_with_fast_allocator() -> None:
     freed memory in the heap made elementwise passes ~2.5x faster on CPU. The setting must exist at process start."""
     if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("FINETUNE_NO_REEXEC"):
         return
-    env = dict(os.environ, GLIBC_TUNABLES=FAST_ALLOCATOR)
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, GLIBC_TUNABLES=FAST_ALLOCATOR))
 
 
 COMMANDS = {"train": "fine-tune as the config says (the default)",
-            "validate": "check config, dataset and model source; train nothing (same as --validate)",
-            "eval": "score a saved run on the test rows (base vs fine-tuned), update its eval.json",
-            "generate": "answer --prompt / --prompts-file with the saved run (--compare: base beside it)",
-            "merge": "merge the saved adapter into the base: a standalone model in <output_dir>/merged",
-            "push": "upload the saved run to the Hub (hub_model_id, HF_TOKEN)"}
+            "validate": "every check a run makes before its first step; train nothing (same as --validate)",
+            "eval": "score a finished run on its test rows (base vs fine-tuned), update its eval.json",
+            "generate": "answer --prompt / --prompts-file with a finished run (--compare: the base model beside it)",
+            "merge": "merge a finished run's adapter into its base: a standalone model in <output_dir>/merged",
+            "export": "write a finished run as one GGUF file (--type) for llama.cpp / Ollama, in <output_dir>/gguf",
+            "push": "upload a finished run's result to the Hub (hub_model_id, HF_TOKEN)"}
+FINISHED_RUN_COMMANDS = ("eval", "generate", "merge", "export", "push")
 
 
 def parse_args(argv: list[str]):
-    """[command] [--config PATH] [--validate] [key=value ...]; the command, when given, comes first."""
+    """[command] [--config PATH] [options] [key=value ...]; the command, when given, comes first."""
     import argparse
 
-    commands = "\n".join(f"  {name:<10}{text}" for name, text in COMMANDS.items())
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one `error:` line with exit 2, like every other user mistake
             raise UserError(f"{message} (see python finetune.py --help)")
 
+    commands = "\n".join(f"  {name:<10}{text}" for name, text in COMMANDS.items())
     parser = Parser(
         prog="finetune.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="python finetune.py [command] [--config PATH] [options] [key=value ...]",
-        description=f"Fine-tune a causal LLM (LoRA, QLoRA or full) as config.yml describes.\n\ncommands:\n{commands}",
+        description=f"Fine-tune a causal LLM (LoRA, QLoRA or full) as config.yml describes.\n\n"
+                    f"commands:\n{commands}\n\neval, generate, merge, export and push act on a finished run (--model, "
+                    "else output_dir)\nwith the config it trained with; --config and key=value change only the keys "
+                    "they name.",
         epilog="overrides: any config key as key=value, e.g. batch_size=4 max_steps=50\n\n" + config_help())
-    parser.add_argument("--config", default="config.yml", help="config file (default: ./config.yml)")
-    parser.add_argument("--validate", action="store_true", help="check config, dataset and model source; train nothing")
+    parser.add_argument("--config", help="config file (default: ./config.yml)")
+    parser.add_argument("--validate", action="store_true", help="every check a run makes; train nothing")
     parser.add_argument("--estimate", nargs="?", const="", metavar="BUDGET",
-                        help="print the run's expected peak memory (no weights loaded); with a budget such as 24GiB, what fits")
-    parser.add_argument("--model", help="eval/generate/merge/push: the saved folder (default: <output_dir>/final)")
+                        help="the run's expected peak memory (no weights loaded); with a budget like 24GiB, what fits")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="--estimate: plan for this device instead of this "
+                                                                  "machine's (e.g. a GPU run planned on a laptop)")
+    parser.add_argument("--schema", action="store_true", help="print the JSON schema of config.yml (for editors)")
+    parser.add_argument("--model", help="eval/generate/merge/export/push: the run folder (default: output_dir); "
+                                        "eval also takes an exported .gguf file")
     parser.add_argument("--prompt", action="append", default=[], help="generate: a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="generate: prompts, one per line or jsonl with a 'prompt' field")
     parser.add_argument("--compare", action="store_true", help="generate: also answer with the base model")
+    parser.add_argument("--type", choices=list(GGUF_TYPES.__args__), help="export: GGUF type (default: the run's "
+                                                                          "export_gguf, else q8_0)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error "
+                                                             "(or set FINETUNE_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     command = argv[0] if argv and argv[0] in COMMANDS else "train"
     args = parser.parse_intermixed_args(argv[1:] if argv and argv[0] in COMMANDS else argv)
@@ -1624,30 +2631,63 @@ def parse_args(argv: list[str]):
     return args
 
 
+def finished_run_command(args) -> None:
+    """eval / generate / merge / export / push on the run in --model (or output_dir), with the run's own config."""
+    named = {**(read_config_file(args.config) if args.config else {}), **parse_overrides(args.overrides)}
+    model_file = None
+    if args.model and args.model.endswith(".gguf"):
+        if args.command != "eval":
+            raise UserError(f"--model {args.model}: only eval takes a .gguf file; give the run folder")
+        model_file = Path(args.model)
+        if not model_file.is_file():
+            raise UserError(f"--model: GGUF file not found: {args.model}")
+        folder = model_file.parent.parent  # <run>/gguf/<name>-<type>.gguf
+    elif args.model:
+        folder = Path(args.model)
+    else:
+        implicit = read_config_file("config.yml") if Path("config.yml").is_file() else {}
+        default = Config.model_fields["output_dir"].default
+        folder = Path(named.get("output_dir") or implicit.get("output_dir") or default)
+    cfg = run_config(folder, named, args.config or "command line")
+    if args.command == "eval":
+        eval_run(cfg, folder, model_file)
+    elif args.command == "generate":
+        generate_run(cfg, folder, read_prompts(args.prompt, args.prompts_file), args.compare)
+    elif args.command == "merge":
+        print(f"merged model saved to {merge_run(cfg, folder)}")
+    elif args.command == "export":
+        export_run(cfg, folder, args.type or cfg.export_gguf or "q8_0")
+    else:
+        print(f"pushed to {push_run(cfg, folder)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; `argv` given means an in-process call (tests), which never re-executes the interpreter."""
     as_script = argv is None
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("FINETUNE_DEBUG") == "1"
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        cfg = load_config(args.config, args.overrides)
-        if args.estimate is not None:
-            estimate_run(cfg, args.estimate)
-        elif args.validate or args.command == "validate":
-            validate_run(cfg)
-        elif args.command == "eval":
-            eval_run(cfg, saved_folder(cfg, args.model))
-        elif args.command == "generate":
-            generate_run(cfg, saved_folder(cfg, args.model), read_prompts(args.prompt, args.prompts_file), args.compare)
-        elif args.command == "merge":
-            print(f"merged model saved to {merge_run(cfg, saved_folder(cfg, args.model))}")
-        elif args.command == "push":
-            print(f"pushed to {push_folder(cfg, saved_folder(cfg, args.model))}")
+        args = parse_args(argv)
+        if args.schema:
+            print(json.dumps(config_schema(), indent=2))
+        elif args.command in FINISHED_RUN_COMMANDS:
+            finished_run_command(args)
         else:
-            check_output_dir(cfg)  # before anything heavy, so a refused run answers at once
-            if as_script:
-                maybe_reexec_with_fast_allocator()
-            run_training(cfg)
+            cfg = load_config(args.config or "config.yml", args.overrides)
+            if args.estimate is not None:
+                estimate_run(cfg, args.estimate, args.device)
+            elif args.validate or args.command == "validate":
+                validate_run(cfg)
+            else:
+                if as_script:
+                    maybe_reexec_with_fast_allocator()
+                run_training(cfg)
     except UserError as e:
+        if debug:  # the library error behind the one-line message, which `from None` hides
+            import traceback
+
+            e.__suppress_context__ = False
+            traceback.print_exception(e)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:

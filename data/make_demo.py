@@ -1,7 +1,10 @@
-"""Generate the demo dataset: free-text assistant requests -> fixed JSON records.
+"""Generate the demo datasets.
 
-A tiny instruct model gets this format wrong out of the box but learns it from a few
-hundred LoRA steps on a CPU, which makes it a quick, visible fine-tuning demo.
+demo_train/demo_test (prompt/completion): free-text assistant requests -> fixed JSON records.
+demo_chat_train/demo_chat_test (chat messages): a JSON record -> a one-line confirmation, with a system turn.
+
+A tiny instruct model gets both formats wrong out of the box but learns them from a few
+hundred LoRA steps on a CPU, which makes them a quick, visible fine-tuning demo.
 """
 
 import argparse
@@ -270,6 +273,35 @@ def make_split(rng, size, holdout_p, seen):
     return rows
 
 
+SYSTEM = "You confirm bookings and reminders in one short sentence."
+
+
+def confirmation(record):
+    """The one sentence that confirms a record: what the chat demo teaches."""
+    if record["intent"] == "book_restaurant":
+        return (f"Booked a table for {record['party_size']} at {record['restaurant']}, "
+                f"{record['day']} at {record['time']}.")
+    if record["intent"] == "set_reminder":
+        return f"Reminder set: {record['task']}, {record['day']} at {record['time']}."
+    seats = "1 seat" if record["passengers"] == 1 else f"{record['passengers']} seats"
+    return f"Booked {seats} from {record['origin']} to {record['destination']} on {record['date']}."
+
+
+def make_chat_split(rng, size, holdout_p, seen):
+    """Conversations: the system turn, a record as the user turn, its confirmation as the reply."""
+    rows = []
+    while len(rows) < size:
+        _, _, record = EXAMPLE_MAKERS[len(rows) % 3](rng, holdout_p)
+        key = json.dumps(record, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"messages": [{"role": "system", "content": SYSTEM},
+                                  {"role": "user", "content": json.dumps(record)},
+                                  {"role": "assistant", "content": confirmation(record)}]})
+    return rows
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
@@ -280,6 +312,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--train", type=int, default=600, help="number of training rows")
     parser.add_argument("--test", type=int, default=60, help="number of held-out test rows")
+    parser.add_argument("--chat-train", type=int, default=300, help="number of chat training conversations")
+    parser.add_argument("--chat-test", type=int, default=30, help="number of held-out chat conversations")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="output folder")
     args = parser.parse_args()
@@ -287,8 +321,12 @@ def main():
     rng, seen = random.Random(SEED), set()
     train = make_split(rng, args.train, 0.0, seen)
     test = make_split(rng, args.test, TEST_HOLDOUT_P, seen)
+    chat_rng, chat_seen = random.Random(SEED + 1), set()  # its own stream: the prompt/completion files stay as they are
+    chat_train = make_chat_split(chat_rng, args.chat_train, 0.0, chat_seen)
+    chat_test = make_chat_split(chat_rng, args.chat_test, TEST_HOLDOUT_P, chat_seen)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in [("demo_train.jsonl", train), ("demo_test.jsonl", test)]:
+    for name, rows in [("demo_train.jsonl", train), ("demo_test.jsonl", test),
+                       ("demo_chat_train.jsonl", chat_train), ("demo_chat_test.jsonl", chat_test)]:
         path = args.out / name
         write_jsonl(path, rows)
         print(f"{path}: {len(rows)} rows")

@@ -1,22 +1,19 @@
-"""A corpus of bad inputs: config files, command-line overrides, data files of every supported format, model paths and
-environment. Each one must be refused the way a user can act on: exit status 2, stderr exactly one line starting with
-"error:" that names the culprit (key, file, line, ...), no traceback, and an existing output_dir left byte-for-byte as
-it was, even with overwrite_output_dir: true (the most dangerous setting: a refused run must not cost the old one).
+"""A corpus of bad inputs: config files, command-line overrides, dataset lists, data files of every supported format,
+model paths, the environment and finished-run commands. Each one must be refused the way a user can act on: exit
+status 2, stderr exactly one line starting with "error:" that names the culprit (key, file, line, list position...), no
+traceback, and an existing output_dir left byte-for-byte as it was, even with overwrite_output_dir: true (the most
+dangerous setting: a refused run must not cost the old one).
 
 Every case runs in-process through finetune.main (fast); a few also run as `python finetune.py ...` in a subprocess,
-as a user's shell sees them. The last tests cover inputs that are NOT refused, by design: an enormous example is cut
-or dropped per long_examples (and counted), a tokenizer without a pad token trains, and push_to_hub without HF_TOKEN
-keeps the local save.
+as a user's shell sees them. The last tests cover inputs that are not refused, by design.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,10 +22,10 @@ import pytest
 import yaml
 
 import finetune
-from conftest import numeric_fields, out_of_range_values, run_cli, write_jsonl
+from helpers import (ONE_STEP, assert_one_line_error, chat, numeric_fields, offline, out_of_range_values, run_cli,
+                     run_main, snapshot, write_jsonl)
 
 BIG = 20_000  # lines in the "large file" cases: the bad row sits in the middle, far from where a reader would look
-IGNORED = {".lock"}  # the run's lock file (finetune.lock_output_dir) is machinery, not a result of the old run
 
 
 def good_rows(n: int) -> list[dict]:
@@ -40,7 +37,7 @@ def json_lines(rows: list) -> list[bytes]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The workspace of one case: a tiny model, good data, and an output_dir that holds a previous run.
+# The workspace of one case: a tiny model, good data, and an output_dir that holds a finished run.
 # ---------------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -63,8 +60,9 @@ class Ctx:
         self.old_run = self.tmp / "previous-run"
         for name, content in {"notes.txt": b"results of an earlier run\n",
                               "metrics.jsonl": b'{"loss": 1.5, "step": 2}\n',
-                              "final/adapter_model.safetensors": os.urandom(4096),
-                              "final/adapter_config.json": b'{"r": 16}',
+                              "adapter_model.safetensors": os.urandom(4096),
+                              "adapter_config.json": b'{"r": 16}',
+                              "result.json": b'{"files": ["adapter_model.safetensors", "adapter_config.json"]}',
                               "checkpoint-2/trainer_state.json": b'{"global_step": 2}'}.items():
             (self.old_run / name).parent.mkdir(parents=True, exist_ok=True)
             (self.old_run / name).write_bytes(content)
@@ -72,9 +70,8 @@ class Ctx:
     def base(self) -> dict:
         # Fast if a case gets as far as the model: tiny model, fp32, one step, no generation scoring; and
         # overwrite_output_dir so that only the bad input itself can stop the run.
-        return dict(model_name=str(self.model), dataset_name=str(self.good), test_dataset=None, eval_before=False,
-                    precision="fp32", output_dir=str(self.old_run), overwrite_output_dir=True, max_steps=1,
-                    batch_size=4, logging_steps=1, eval_strategy="no", save_strategy="no", validation_split=0)
+        return dict(ONE_STEP, model_name=str(self.model), dataset_name=str(self.good), output_dir=str(self.old_run),
+                    overwrite_output_dir=True)
 
     def config(self, text: str | bytes | None = None, name: str = "config.yml", **changes) -> str:
         """A config file: the raw text given, or the base config with `changes`."""
@@ -98,22 +95,6 @@ class Ctx:
     def data(self, path: Path, culprit: str, **changes) -> Bad:
         """Train on `path`; the message must match `culprit`, where {path} stands for the file's path."""
         return Bad(self.run(dataset_name=str(path), **changes), culprit.replace("{path}", re.escape(str(path))))
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file and folder under `folder`: relative path -> sha256 (folders -> 'dir')."""
-    return {str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.name not in IGNORED}
-
-
-def offline(monkeypatch) -> None:
-    """HF_HUB_OFFLINE=1 for an in-process run: the libraries read the variable once at import, so set their copy too."""
-    import datasets
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -168,6 +149,8 @@ add("config-bad-choice-optim", lambda c: Bad(c.run(optim="adam"), r"optim: .*'ad
 add("config-list-for-text-model_name", lambda c: Bad(c.run(model_name=["a", "b"]), r"model_name"))
 add("config-number-for-dict", lambda c: Bad(c.run(gradient_checkpointing_kwargs=5), r"gradient_checkpointing_kwargs"))
 add("config-number-for-target-modules", lambda c: Bad(c.run(peft_target_modules=5), r"peft_target_modules"))
+add("config-unknown-gguf-type", lambda c: Bad(c.run(export_gguf="q3_k"), r"export_gguf: .*'q3_k'"))
+add("config-unknown-prompt-format", lambda c: Bad(c.run(prompt_format="alpaca"), r"prompt_format: .*'alpaca'"))
 
 
 @case("config-unreadable-chmod-000")
@@ -189,14 +172,21 @@ CONTRADICTIONS = {
     "resume-and-overwrite": (dict(resume_from_checkpoint="auto"), r"resume_from_checkpoint.*overwrite_output_dir"),
     "eval-steps-without-validation": (dict(eval_strategy="steps"), r"eval_strategy.*validation_split"),
     "empty-target-modules": (dict(peft_target_modules=[]), r"peft_target_modules"),
+    "dora-without-peft": (dict(use_dora=True, use_peft=False), r"use_dora.*use_peft"),
+    "early-stopping-without-evaluations": (dict(early_stopping_patience=3), r"early_stopping_patience.*eval_strategy"),
+    "best-model-without-checkpoints": (dict(load_best_model_at_end=True, validation_split=0.2, eval_strategy="steps",
+                                            save_strategy="no"), r"load_best_model_at_end.*save_strategy"),
+    "best-model-saving-apart-from-evaluating": (dict(load_best_model_at_end=True, validation_split=0.2,
+                                                     eval_strategy="epoch", save_strategy="steps"),
+                                                r"load_best_model_at_end.*save_strategy.*eval_strategy"),
+    "system-prompt-with-raw-prompts": (dict(system_prompt="Be brief.", prompt_format="raw"),
+                                       r"system_prompt.*prompt_format"),
 }
 for _id, (_changes, _culprit) in CONTRADICTIONS.items():
     add(f"contradiction-{_id}", lambda c, ch=_changes, cu=_culprit: Bad(c.run(**ch), cu))
 
 
 # --- every numeric key, from the schema: a string in the config file, each bound broken on the command line ---------
-
-
 
 for _key, _info in numeric_fields().items():
     add(f"config-{_key}-not-a-number",
@@ -354,6 +344,65 @@ add("data-too-few-rows-for-validation", lambda c: c.data(write_jsonl(c.tmp / "on
 add("test-dataset-missing", lambda c: Bad(c.run(test_dataset=(p := str(c.tmp / "no-test.jsonl"))), re.escape(p)))
 
 
+# --- rows in other formats, and the row number after a validation split ---------------------------------------------
+
+GOOD_CHAT = chat(("user", "hi"), ("assistant", "hello"))
+ROLE_CONTENT = "role.*content"
+MESSAGES = {
+    "messages-is-a-string": ({"messages": "user: hi"}, ROLE_CONTENT),
+    "messages-is-a-list-of-strings": ({"messages": ["hi", "hello"]}, ROLE_CONTENT),
+    "message-without-content": ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, ROLE_CONTENT),
+    "message-without-role": ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, ROLE_CONTENT),
+    "message-with-null-content": ({"messages": [{"role": "user", "content": None},
+                                                {"role": "assistant", "content": "x"}]}, "content"),
+    "conversation-without-assistant": (chat(("system", "s"), ("user", "a"), ("user", "b")), "assistant"),
+    "conversation-opening-with-assistant": (chat(("assistant", "How can I help?"), ("user", "Joke?"),
+                                                 ("assistant", "No.")), "starts with an assistant"),
+}
+for _id, (_row, _says) in MESSAGES.items():
+    add(f"jsonl-{_id}-on-row-2", lambda c, r=_row, s=_says: c.data(
+        write_jsonl(c.tmp / "chat.jsonl", [GOOD_CHAT, r, GOOD_CHAT]), rf"{{path}}: row 2\b.*{s}"))
+add("jsonl-null-text-on-row-2", lambda c: c.data(write_jsonl(c.tmp / "text.jsonl", [{"text": "a"}, {"text": None}]),
+                                                 r"{path}:2: 'text' is NoneType"))
+
+
+@case("parquet-null-completion-named-by-its-row-after-the-validation-split")
+def _(c):
+    rows = [dict(r) for r in c.rows]
+    rows[29]["completion"] = None  # no line scan for parquet: the row number must survive the shuffle of the split
+    path = parquet(c, "split.parquet", {"prompt": [r["prompt"] for r in rows],
+                                        "completion": [r["completion"] for r in rows]})
+    return c.data(path, r"{path}: row 30\b.*'completion'", validation_split=0.25)
+
+
+# --- dataset lists: each bad entry named by its position and name ---------------------------------------------------
+
+add("no-dataset-at-all", lambda c: Bad(c.run(dataset_name=None), r"dataset_name is not set"))
+add("list-entry-missing-file", lambda c: Bad(c.run(dataset_name=[str(c.good), str(c.tmp / "gone.jsonl")]),
+                                             rf"not found: {re.escape(str(c.tmp / 'gone.jsonl'))}"))
+add("list-entry-without-the-needed-fields", lambda c: Bad(
+    c.run(dataset_name=[str(c.good), str(write_jsonl(c.tmp / "qa.jsonl", [{"q": 1, "a": 2}] * 5))]),
+    r"qa\.jsonl \(dataset_name entry 2\)"))
+add("list-entry-negative-weight", lambda c: Bad(c.run(dataset_name=[{"name": "a.jsonl", "weight": 1},
+                                                                   {"name": "b.jsonl", "weight": -1}]),
+                                                r"dataset_name: entry 2 \(b\.jsonl\): weight: .*-1"))
+add("list-entry-weight-not-a-number", lambda c: Bad(c.run(dataset_name=[{"name": "a.jsonl", "weight": "heavy"}]),
+                                                    r"dataset_name: entry 1 \(a\.jsonl\): weight: .*'heavy'"))
+add("list-entry-weight-true", lambda c: Bad(c.run(dataset_name=[{"name": "a.jsonl", "weight": True}]),
+                                            r"entry 1 \(a\.jsonl\): weight: expected a number"))
+add("list-every-weight-zero", lambda c: Bad(c.run(dataset_name=[{"name": "a.jsonl", "weight": 0},
+                                                               {"name": "b.jsonl", "weight": 0}]),
+                                            r"dataset_name: every weight is 0"))
+add("list-weight-on-some-entries", lambda c: Bad(c.run(dataset_name=["a.jsonl", {"name": "b.jsonl", "weight": 2}]),
+                                                 r"dataset_name: set a weight on every entry or on none"))
+add("list-entry-unknown-key", lambda c: Bad(c.run(dataset_name=[{"name": "a.jsonl", "wieght": 2}]),
+                                            r"entry 1 \(a\.jsonl\): unknown key 'wieght' \(did you mean 'weight'\?\)"))
+add("list-entry-without-name", lambda c: Bad(c.run(dataset_name=[{"weight": 2}]), r"dataset_name: entry 1: .*name"))
+add("list-empty", lambda c: Bad(c.run(dataset_name=[]), r"dataset_name: .*non-empty list"))
+add("test-list-entry-with-weight", lambda c: Bad(c.run(test_dataset=[{"name": "t.jsonl", "weight": 2}]),
+                                                 r"test_dataset: weight"))
+
+
 # --- model paths ---------------------------------------------------------------------------------------------------
 
 def model_folder(c: Ctx, name: str, files: dict[str, str] | None = None, copy: tuple[str, ...] = ()) -> str:
@@ -390,6 +439,8 @@ add("output-dir-used-without-overwrite", lambda c: Bad(c.run(overwrite_output_di
                                                        rf"output_dir {re.escape(str(c.old_run))} already holds a run"))
 add("output-dir-is-a-file", lambda c: Bad(c.run(output_dir=str(c.old_run / "notes.txt")),
                                            r"output_dir .*notes\.txt is a file"))
+add("deepspeed-config-missing", lambda c: Bad(c.run(deepspeed=str(c.tmp / "ds.json")),
+                                              r"deepspeed: config file not found"))
 add("resume-missing-folder", lambda c: Bad(
     c.run(overwrite_output_dir=False, resume_from_checkpoint=str(c.tmp / "checkpoint-9")),
     r"resume_from_checkpoint: .*checkpoint-9"))
@@ -410,6 +461,17 @@ def _(c):
     return Bad(c.run(), rf"output_dir {re.escape(str(c.old_run))} is in use.*pid 4242")
 
 
+add("chat-prompts-without-a-chat-template", lambda c: Bad(c.run(model_name=str(plain_model(c)), prompt_format="chat"),
+                                                          r"prompt_format: chat needs .*chat template"))
+
+
+def plain_model(c: Ctx) -> Path:
+    """The tiny model without its chat template."""
+    folder = Path(shutil.copytree(c.model, c.tmp / "plain-model"))
+    (folder / "chat_template.jinja").unlink()
+    return folder
+
+
 @case("fp16-on-cpu")
 def _(c):
     import torch
@@ -417,6 +479,22 @@ def _(c):
     if torch.cuda.is_available():
         pytest.skip("fp16 is valid with a CUDA GPU")
     return Bad(c.run(precision="fp16"), r"precision: fp16")
+
+
+# --- commands on a finished run, and the other options -------------------------------------------------------------
+
+COMMAND_CASES = {
+    "eval-of-no-run": (["eval", "--model", "{tmp}/nowhere"], r"no finished run in .*nowhere"),
+    "merge-of-no-run": (["merge", "--model", "{tmp}"], r"no finished run in "),
+    "export-of-no-run": (["export", "--model", "{tmp}/nowhere"], r"no finished run in .*nowhere"),
+    "generate-from-a-gguf-file": (["generate", "--model", "{run}/gguf/x-q8_0.gguf", "--prompt", "hi"],
+                                  r"only eval takes a \.gguf file"),
+    "eval-of-a-missing-gguf-file": (["eval", "--model", "{run}/gguf/x-q8_0.gguf"], r"GGUF file not found"),
+    "export-of-an-unknown-type": (["export", "--model", "{run}", "--type", "q3_k"], r"--type: invalid choice: 'q3_k'"),
+    "estimate-unreadable-budget": (["--estimate", "lots"], r"--estimate: cannot read the budget 'lots'"),
+}
+for _id, (_argv, _culprit) in COMMAND_CASES.items():
+    add(_id, lambda c, a=_argv, cu=_culprit: Bad([x.format(tmp=c.tmp, run=c.old_run) for x in a], cu))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -431,59 +509,20 @@ def ctx(tmp_path, tiny_model, pc_rows):
         handle.close()
 
 
-PROGRESS_BAR = re.compile(r"^.*\d+%\|.*\|")  # tqdm ("Loading weights:  50%|#####     | 10/20"), redrawn in place
-
-
-def message_lines(err: str) -> list[str]:
-    """What stderr says, without blank lines and progress bars (a terminal redraws those; they are no message)."""
-    return [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.match(line)]
-
-
-def assert_refused(code, out: str, err: str, culprit: str) -> None:
-    assert "Traceback" not in out + err, err
-    lines = message_lines(err)
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert re.search(culprit, lines[0]), f"{culprit!r} not in {lines[0]!r}"
-
-
-def log_to_current_stderr() -> None:
-    """Libraries' log handlers hold the sys.stderr of the test that created them (closed since, under capture); point
-    them at this test's stderr, as a fresh process would, so that what they log is seen and judged here."""
-    import logging
-
-    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
-        for handler in getattr(logger, "handlers", []):
-            if type(handler) is logging.StreamHandler:
-                handler.stream = sys.stderr  # not setStream: it flushes the old, closed stream
-
-
-def test_corpus_is_large_and_covers_every_numeric_key():
-    assert len(CASES) >= 40
-    for key in numeric_fields():
-        assert f"config-{key}-not-a-number" in CASES
-
-
 @pytest.mark.parametrize("case_id", CASES)
 def test_bad_input_is_refused_in_one_line_and_leaves_output_dir_alone(case_id, ctx, capfd, monkeypatch):
     bad = CASES[case_id](ctx)
     for name, value in bad.env.items():
         offline(monkeypatch) if name == "HF_HUB_OFFLINE" else monkeypatch.setenv(name, value)
     before = snapshot(ctx.old_run)
-    log_to_current_stderr()
-    capfd.readouterr()
-    try:
-        code = finetune.main(bad.argv)
-    except SystemExit as e:  # argparse refuses unknown options by exiting
-        code = e.code
-    out, err = capfd.readouterr()
-    assert_refused(code, out, err, bad.culprit)
+    assert_one_line_error(*run_main(capfd, *bad.argv), bad.culprit)
     assert snapshot(ctx.old_run) == before
 
 
 # The same refusals from a user's shell: the real entry point, its re-exec and its environment.
 SUBPROCESS_CASES = ["yaml-broken-bracket", "override-bad-type", "option-unknown", "config-learning_rate-not-a-number",
-                    "jsonl-broken-line-in-the-middle-of-20000", "data-hub-id-offline", "output-dir-is-a-file"]
+                    "jsonl-broken-line-in-the-middle-of-20000", "data-hub-id-offline", "output-dir-is-a-file",
+                    "list-entry-unknown-key", "eval-of-no-run"]
 
 
 @pytest.mark.parametrize("case_id", SUBPROCESS_CASES)
@@ -491,7 +530,7 @@ def test_bad_input_is_refused_from_the_shell(case_id, ctx):
     bad = CASES[case_id](ctx)
     before = snapshot(ctx.old_run)
     done = run_cli(*bad.argv, cwd=ctx.tmp, env=bad.env, timeout=120)
-    assert_refused(done.returncode, done.stdout, done.stderr, bad.culprit)
+    assert_one_line_error(done.returncode, done.stdout, done.stderr, bad.culprit)
     assert snapshot(ctx.old_run) == before
 
 
@@ -499,61 +538,39 @@ def test_bad_input_is_refused_from_the_shell(case_id, ctx):
 # Inputs that are not refused, by design
 # ---------------------------------------------------------------------------------------------------------------------
 
-ONE_STEP = dict(max_steps=1, batch_size=4, logging_steps=1, eval_strategy="no", save_strategy="no", validation_split=0,
-                eval_before=False, test_dataset=None, precision="fp32")
-
-
 def train(tmp_path: Path, model: Path, data: Path, capfd, *overrides: str) -> tuple[int, str, str]:
     config = tmp_path / "config.yml"
-    values = dict(model_name=str(model), dataset_name=str(data), output_dir=str(tmp_path / "out"), **ONE_STEP)
-    config.write_text(yaml.safe_dump(values))
-    log_to_current_stderr()
-    capfd.readouterr()
-    code = finetune.main(["--config", str(config), *overrides])
-    out, err = capfd.readouterr()
+    config.write_text(yaml.safe_dump(dict(ONE_STEP, model_name=str(model), dataset_name=str(data),
+                                          output_dir=str(tmp_path / "out"))))
+    code, out, err = run_main(capfd, "--config", str(config), *overrides)
     assert "Traceback" not in out + err, err
     return code, out, err
 
 
-@pytest.fixture
-def enormous_file(tmp_path, pc_rows) -> Path:
-    """The demo rows with one enormous example (~200,000 characters of completion) in the middle."""
-    huge = {"prompt": "Write the longest answer you can.", "completion": " word" * 40_000}
-    return write_jsonl(tmp_path / "enormous.jsonl", pc_rows[:24] + [huge] + pc_rows[24:])
-
-
 @pytest.mark.parametrize("mode, kept", [("truncate", 49), ("drop", 48)])
-def test_enormous_example_is_cut_or_dropped_and_counted(tmp_path, tiny_model, enormous_file, capfd, mode, kept):
-    code, out, err = train(tmp_path, tiny_model, enormous_file, capfd, "seq_length=256", f"long_examples={mode}")
+def test_enormous_example_is_cut_or_dropped_and_counted(tmp_path, tiny_model, pc_rows, capfd, mode, kept):
+    huge = {"prompt": "Write the longest answer you can.", "completion": " word" * 40_000}
+    data = write_jsonl(tmp_path / "enormous.jsonl", pc_rows[:24] + [huge] + pc_rows[24:])
+    code, out, err = train(tmp_path, tiny_model, data, capfd, "seq_length=256", f"long_examples={mode}")
     assert code == 0, err
-    assert re.search(rf"\b1 training examples are longer than seq_length=256: {mode}d", out), out
+    assert re.search(rf"1 training examples are longer than seq_length=256: {mode}d", out), out
     assert re.search(rf"\b{kept} training examples\b", out), out
-    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-@pytest.fixture
-def model_without_pad(tmp_path, tiny_model) -> Path:
+def test_tokenizer_without_pad_token_trains(tmp_path, tiny_model, pc_file, capfd):
     folder = shutil.copytree(tiny_model, tmp_path / "no-pad-model")
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.pop("pad_token", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    from transformers import AutoTokenizer
-
-    assert AutoTokenizer.from_pretrained(folder).pad_token is None  # the premise of the test
-    return folder
-
-
-def test_tokenizer_without_pad_token_trains(tmp_path, model_without_pad, pc_file, capfd):
-    code, out, err = train(tmp_path, model_without_pad, pc_file, capfd, "batch_size=8")
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    code, out, err = train(tmp_path, folder, pc_file, capfd, "batch_size=8")
     assert code == 0, err
-    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
 def test_push_without_hf_token_refuses_after_saving_locally(tmp_path, tiny_model, pc_file, capfd, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     code, out, err = train(tmp_path, tiny_model, pc_file, capfd, "push_to_hub=true", "hub_model_id=someone/tiny")
-    final = tmp_path / "out" / "final"
-    assert code == 2, err
-    assert re.match(rf"error: push_to_hub: .*HF_TOKEN.*{re.escape(str(final))}", message_lines(err)[-1]), err
-    assert (final / "adapter_model.safetensors").is_file()
+    assert_one_line_error(code, "", err.splitlines()[-1], rf"push_to_hub: .*HF_TOKEN.*{re.escape(str(tmp_path / 'out'))}")
+    assert (tmp_path / "out" / "result.json").is_file()

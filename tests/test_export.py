@@ -1,0 +1,149 @@
+"""GGUF export: the file transformers' own GGUF reader loads answers as the merged model does, carries the tokenizer,
+stop tokens and (only for chat-trained runs) the chat template, and comes with an Ollama Modelfile; what cannot be
+exported is refused in one line, leaving earlier files whole."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import gguf
+import pytest
+import torch
+
+import finetune
+from conftest import tiny_llama, trained_run
+from helpers import ROOT, assert_one_line_error, run_main, snapshot, write_jsonl
+
+
+def exported(out, gguf_type: str):
+    cfg = finetune.run_config(out, {}, "test")
+    return finetune.export_run(cfg, out, gguf_type)
+
+
+def gguf_answers(path, pairs, max_new_tokens: int = 8) -> list[str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return finetune.generate_answers(model, tokenizer, [p.ids for p in pairs], max_new_tokens)[0]
+
+
+@pytest.fixture(scope="module")
+def exports(finished_run, tmp_path_factory):
+    """finished_run (a chat-format LoRA run) copied, exported to f16, bf16 and q8_0; with its merged answers."""
+    _, original = finished_run
+    out = shutil.copytree(original, tmp_path_factory.mktemp("export") / "run")
+    cfg = finetune.run_config(out, {}, "test")
+    plan, tokenizer = finetune.run_plan(cfg, out)
+    pairs = finetune.load_test_pairs(cfg, plan, tokenizer, [])
+    merged, _ = finetune.merged_model(cfg, out)
+    reference = finetune.generate_answers(merged, tokenizer, [p.ids for p in pairs], 8)[0]
+    return out, pairs, reference, {t: exported(out, t) for t in ("f16", "bf16", "q8_0")}
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16"])
+def test_transformers_reads_the_16_bit_file_and_answers_as_the_merged_model(exports, gguf_type):
+    out, pairs, reference, files = exports
+    assert gguf_answers(files[gguf_type], pairs) == reference
+
+
+def test_the_q8_0_file_keeps_the_weights_within_its_rounding(exports):
+    from transformers import AutoModelForCausalLM
+
+    out, _, _, files = exports
+    merged, _ = finetune.merged_model(finetune.run_config(out, {}, "test"), out)
+    model = AutoModelForCausalLM.from_pretrained(files["q8_0"].parent, gguf_file=files["q8_0"].name)
+    for name, weight in merged.state_dict().items():
+        if name.endswith("proj.weight"):
+            exact = weight.float()
+            assert (model.state_dict()[name].float() - exact).abs().max() <= exact.abs().max() / 127 * 1.01, name
+
+
+def metadata(path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def test_the_file_carries_what_a_runtime_needs(exports, tiny_model):
+    out, _, _, files = exports
+    meta, config = metadata(files["q8_0"]), json.loads((tiny_model / "config.json").read_text())
+    assert meta["general.name"] == "run-q8_0" and "LoRA fine-tune of" in meta["general.description"]
+    assert (meta["llama.block_count"], meta["llama.embedding_length"], meta["llama.attention.head_count"],
+            meta["llama.attention.head_count_kv"]) == (2, 64, 4, 2)
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "smollm"
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
+            meta["tokenizer.ggml.eot_token_id"]) == (config["bos_token_id"], 2, 2)
+    assert len(meta["tokenizer.ggml.tokens"]) == config["vocab_size"] and meta["tokenizer.ggml.merges"]
+    assert meta["tokenizer.chat_template"] == (out / "chat_template.jinja").read_text()
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(files["q8_0"]).tensors}  # tied embeddings
+
+
+def test_the_modelfile_prompts_and_stops_as_training_did(exports, raw_run):
+    out, _, _, files = exports
+    chat = files["q8_0"].with_suffix(".Modelfile").read_text()
+    assert chat.startswith("FROM ./run-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in chat
+    assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n" in chat
+    raw = exported(raw_run[1], "q8_0")
+    assert 'TEMPLATE """{{ .Prompt }}"""' in raw.with_suffix(".Modelfile").read_text()
+    assert "tokenizer.chat_template" not in metadata(raw)  # a raw-prompt run gets no template to wrap prompts in
+
+
+def test_untied_embeddings_and_rope_scaling_come_through(tmp_path, embedded_model, pc_rows):
+    model = tiny_llama(tmp_path / "untied", embedded_model, tie_word_embeddings=False, head_dim=32,
+                       rope_scaling={"rope_type": "linear", "factor": 2.0})
+    _, out = trained_run(tmp_path, model, write_jsonl(tmp_path / "d.jsonl", pc_rows), use_peft=False, max_steps=2)
+    path = exported(out, "f16")
+    meta = metadata(path)
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+    assert (meta["llama.attention.key_length"], meta["llama.rope.scaling.type"], meta["llama.rope.scaling.factor"]) \
+        == (32, "linear", 2.0)
+
+
+def test_a_quantized_type_that_does_not_fit_the_tensor_shapes_is_refused_naming_them(tmp_path, embedded_model,
+                                                                                      pc_rows, capfd):
+    model = tiny_llama(tmp_path / "odd", embedded_model, intermediate_size=80)
+    _, out = trained_run(tmp_path, model, write_jsonl(tmp_path / "d.jsonl", pc_rows), max_steps=1)
+    assert_one_line_error(*run_main(capfd, "export", "--model", str(out), "--type", "q8_0"),
+                          r"q8_0 stores rows in blocks of 32.*down_proj.*export f16 or bf16 instead")
+    assert not (out / "gguf" / "run-q8_0.gguf").exists()
+    assert run_main(capfd, "export", "--model", str(out), "--type", "f16")[0] == 0
+
+
+def test_an_architecture_without_a_gguf_form_is_refused_naming_those_that_have_one(tmp_path, embedded_model,
+                                                                                    pc_rows, capfd):
+    from transformers import AutoTokenizer, GemmaConfig, GemmaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+    torch.manual_seed(0)
+    GemmaForCausalLM(GemmaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=32)).save_pretrained(
+        tmp_path / "gemma")
+    tokenizer.save_pretrained(tmp_path / "gemma")
+    _, out = trained_run(tmp_path, tmp_path / "gemma", write_jsonl(tmp_path / "d.jsonl", pc_rows), max_steps=1)
+    assert_one_line_error(*run_main(capfd, "export", "--model", str(out)),
+                          r"GemmaForCausalLM models cannot be exported to GGUF; supported: LlamaForCausalLM, "
+                          r"MistralForCausalLM, Qwen2ForCausalLM")
+
+
+EXPORT_UNDER_A_SIZE_LIMIT = """\
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, 2 * 2**20))
+sys.path.insert(0, {root!r})
+import finetune
+sys.exit(finetune.main(["export", "--model", sys.argv[1], "--type", "f16"]))
+"""
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_earlier_files_whole(exports, tmp_path):
+    out, _, _, _ = exports
+    before = snapshot(out / "gguf")
+    done = subprocess.run([sys.executable, "-c", EXPORT_UNDER_A_SIZE_LIMIT.format(root=str(ROOT)), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert_one_line_error(done.returncode, done.stdout, done.stderr,
+                          r"export: cannot write .*gguf \(the disk is full\)")
+    assert snapshot(out / "gguf") == before
