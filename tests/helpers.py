@@ -41,8 +41,8 @@ def write_config(path: Path, **values) -> str:
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """python finetune.py ARGS in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, str(ROOT / "finetune.py"), *args], cwd=cwd, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(ROOT / "finetune.py"), *args], cwd=cwd,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 PROGRESS_BAR = re.compile(r"^.*\d+%\|.*\|")  # tqdm ("Loading weights:  50%|#####     | 10/20"), redrawn in place

@@ -228,7 +228,8 @@ def big_file_with_bad_line(c, number: int, text: bytes, says: str) -> Bad:
 
 
 for _id, (_number, _text, _says) in BAD_LINES.items():
-    add(f"jsonl-{_id}-in-the-middle-of-20000", lambda c, n=_number, t=_text, s=_says: big_file_with_bad_line(c, n, t, s))
+    add(f"jsonl-{_id}-in-the-middle-of-20000",
+        lambda c, n=_number, t=_text, s=_says: big_file_with_bad_line(c, n, t, s))
 
 
 @case("jsonl-row-without-completion-in-the-middle")
@@ -572,5 +573,6 @@ def test_push_without_hf_token_refuses_after_saving_locally(tmp_path, tiny_model
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     code, out, err = train(tmp_path, tiny_model, pc_file, capfd, "push_to_hub=true", "hub_model_id=someone/tiny")
-    assert_one_line_error(code, "", err.splitlines()[-1], rf"push_to_hub: .*HF_TOKEN.*{re.escape(str(tmp_path / 'out'))}")
+    saved = re.escape(str(tmp_path / "out"))
+    assert_one_line_error(code, "", err.splitlines()[-1], rf"push_to_hub: .*HF_TOKEN.*{saved}")
     assert (tmp_path / "out" / "result.json").is_file()

@@ -219,7 +219,8 @@ def test_an_example_cut_before_its_answer_is_dropped_and_counted(tmp_path, make_
     rows = [{"prompt": "word " * 60, "completion": " answer"}, {"prompt": "short", "completion": " answer"}]
     examples, _ = tokenized(make_cfg(dataset_name=str(write_jsonl(tmp_path / "d.jsonl", rows)), seq_length=32,
                                      prompt_format="raw"), tokenizer)
-    assert len(examples) == 1 and "1 examples had no token to learn from within seq_length=32" in capsys.readouterr().out
+    assert len(examples) == 1
+    assert "1 examples had no token to learn from within seq_length=32" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

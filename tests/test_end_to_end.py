@@ -1,25 +1,60 @@
-"""The CLI end to end on the embedded SmolLM2-135M-Instruct with the shipped config.yml: a short LoRA run that must
-beat the base model, with its checkpoints, curves and result in output_dir."""
+"""End to end on the embedded SmolLM2-135M-Instruct with the shipped config.yml: a short LoRA run that must beat the
+base model, then its GGUF export read back by transformers: the same answers as the merged model in f16, at least 95%
+of them in q8_0, and an exact match within 2 points when `finetune.py eval` scores the q8_0 file."""
 
 import json
 
 import pytest
+import torch
 
-from helpers import DEMO_TEST, ROOT, write_jsonl
+import finetune
+from helpers import DEMO_TEST, ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, embedded_model):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = run_cli("--config", str(ROOT / "config.yml"), f"output_dir={out}", "max_steps=24", "learning_rate=2e-3",
+                     "eval_steps=12", "logging_steps=4", "save_steps=12")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result.stdout
 
 
 @pytest.mark.slow
-def test_the_shipped_config_fine_tunes_the_embedded_model_and_beats_the_base(cli, tmp_path, embedded_model):
-    test_rows = [json.loads(line) for line in DEMO_TEST.read_text().splitlines()[:12]]
-    test_file = write_jsonl(tmp_path / "test.jsonl", test_rows)
-    out = tmp_path / "run"
-    result = cli("--config", str(ROOT / "config.yml"), f"output_dir={out}", f"test_dataset={test_file}",
-                 "max_steps=12", "learning_rate=1e-3", "eval_steps=6", "logging_steps=3", "save_steps=6")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "fine-tuned" in result.stdout and "json_field_accuracy" in result.stdout
+def test_the_shipped_config_fine_tunes_the_embedded_model_and_beats_the_base(demo_run):
+    out, stdout = demo_run
+    assert "fine-tuned" in stdout and "json_field_accuracy" in stdout
     summary = json.loads((out / "eval.json").read_text())
-    assert summary["base"]["examples"] == summary["fine_tuned"]["examples"] == 12
+    assert summary["base"]["examples"] == summary["fine_tuned"]["examples"] == 60
     assert summary["fine_tuned"]["json_valid"] > summary["base"]["json_valid"]
     assert summary["fine_tuned"]["token_f1"] > summary["base"]["token_f1"]
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-24"]
     assert (out / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_gguf_export_answers_as_the_merged_model(demo_run):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = demo_run
+    cfg = finetune.run_config(out, {}, "test")
+    plan, tokenizer = finetune.run_plan(cfg, out)
+    prompts = [p.ids for p in finetune.load_test_pairs(cfg, plan, tokenizer, [])]
+    merged, _ = finetune.merged_model(cfg, out)
+    reference, _ = finetune.generate_answers(merged.float(), tokenizer, prompts, cfg.eval_max_new_tokens)
+    agreement = {}
+    for gguf_type in ("f16", "q8_0"):
+        path = finetune.export_run(cfg, out, gguf_type)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        answers, _ = finetune.generate_answers(model, tokenizer, prompts, cfg.eval_max_new_tokens)
+        agreement[gguf_type] = sum(a == b for a, b in zip(answers, reference)) / len(reference)
+    print(f"greedy agreement with the merged model: {agreement}")
+    assert agreement["f16"] == 1.0 and agreement["q8_0"] >= 0.95
+
+    scored = run_cli("eval", "--model", str(out / "gguf" / "run-q8_0.gguf"))
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    summary = json.loads((out / "eval.json").read_text())
+    gguf_exact = summary["exported"]["run-q8_0.gguf"]["exact_match"]
+    merged_exact = sum(a.strip() == r["completion"].strip() for a, r in zip(
+        reference, [json.loads(line) for line in DEMO_TEST.read_text().splitlines()])) / len(reference)
+    assert abs(gguf_exact - merged_exact) <= 0.02

@@ -34,7 +34,8 @@ def test_end_of_turn_of_the_chat_template_is_a_stop_token(tiny_model, tmp_path):
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|endoftext|>{% endfor %}"
                                "{% if add_generation_prompt %}<|im_start|>{% endif %}")
     assert finetune.end_of_turn_token(tokenizer) == "<|endoftext|>"
-    assert finetune.stop_token_ids(tokenizer) == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert finetune.stop_token_ids(tokenizer) == [tokenizer.eos_token_id, end_of_text]
 
 
 def test_greedy_answers_are_the_same_adapter_merged_or_not_batched_or_alone(make_cfg):

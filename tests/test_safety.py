@@ -98,8 +98,8 @@ def checkpointed(tmp_path_factory, tiny_model, pc_rows):
     """A finished 4-step run with checkpoints at steps 2 and 4."""
     folder = tmp_path_factory.mktemp("checkpointed")
     cfg = finetune.Config(model_name=str(tiny_model), dataset_name=str(write_jsonl(folder / "d.jsonl", pc_rows)),
-                          output_dir=str(folder / "out"), max_steps=4, batch_size=4, save_strategy="steps", save_steps=2,
-                          eval_strategy="no", eval_before=False, precision="fp32")
+                          output_dir=str(folder / "out"), max_steps=4, batch_size=4, save_strategy="steps",
+                          save_steps=2, eval_strategy="no", eval_before=False, precision="fp32")
     finetune.run_training(cfg)
     return cfg
 

@@ -1,5 +1,5 @@
 """The saved result: at the root of output_dir as the ecosystem expects (seed 001's snippet loads it), complete or
-refused, with a model card, the stop tokens and the chat template the run trained with; push keeps it without a token."""
+refused, with a model card, the stop tokens and the chat template the run trained with."""
 
 import json
 import shutil

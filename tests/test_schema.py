@@ -92,11 +92,12 @@ def test_a_validated_config_cannot_be_changed():
 
 def test_dataset_list_entries_take_their_own_fields_and_the_top_level_ones_otherwise(tmp_path):
     path = tmp_path / "c.yml"
-    path.write_text("dataset_name:\n  - {name: a.jsonl, weight: 1}\n  - {name: b.jsonl, weight: 3, prompt_field: question}\n"
-                    "completion_field: answer\n")
+    path.write_text("dataset_name:\n  - {name: a.jsonl, weight: 1}\n"
+                    "  - {name: b.jsonl, weight: 3, prompt_field: question}\ncompletion_field: answer\n")
     cfg = finetune.load_config(str(path))
     first, second = finetune.dataset_entries(cfg.dataset_name, cfg)
-    assert (first.name, first.weight, first.prompt_field, first.completion_field) == ("a.jsonl", 1.0, "prompt", "answer")
+    assert (first.name, first.weight, first.prompt_field, first.completion_field) == ("a.jsonl", 1.0, "prompt",
+                                                                                      "answer")
     assert (second.name, second.weight, second.prompt_field, second.completion_field) == ("b.jsonl", 3.0, "question",
                                                                                         "answer")
     assert (first.split, second.split) == ("train", "train")
