@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -464,24 +464,31 @@ class Prepared:
     tokenizer: Any
     data: Data
     checkpoint: str | None  # the checkpoint to resume from
+    steps: int
+    args: Any  # the trainer's arguments (SFTConfig), whose own checks run here too
 
 
 @contextmanager
 def prepared_run(cfg: Config, hold_lock: bool):
     """Every check a run makes before its first step, cheapest first: the output folder and its lock (held while the
     block runs, or only checked), sharding, the model's tokenizer, config and files (and the LoRA targets, on an empty
-    skeleton), the data, the checkpoint to resume. Training and --validate both go through here."""
+    skeleton), the data, the trainer's arguments, the checkpoint to resume. Training and --validate both go through
+    here."""
     check_output_dir(cfg)
-    with output_dir_lock(cfg.output_dir, hold=hold_lock):
+    # Ranks other than 0 run beside rank 0, which holds the lock: checking it would refuse their own run.
+    lock = output_dir_lock(cfg.output_dir, hold=hold_lock) if hold_lock or is_main_process() else nullcontext()
+    with lock:
         check_sharding(cfg)
         tokenizer = load_tokenizer(cfg)
         model_config = load_model_config(cfg)
         check_model_files(cfg)
         plan = make_plan(cfg, tokenizer, model_config)
-        if cfg.use_peft:
-            add_lora(model_skeleton(cfg, model_config), cfg, plan)
+        if cfg.use_peft and cfg.peft_target_modules != "all-linear":  # named targets may be missing; all-linear fits
+            add_lora(model_skeleton(cfg, model_config), cfg, plan)  # any model, and this check costs a second
         data = load_data(cfg, plan, tokenizer)
-        yield Prepared(plan, tokenizer, data, resolve_checkpoint(cfg))
+        steps = planned_steps(cfg, len(data.train), plan.world_size)
+        args = make_training_args(cfg, plan, steps, data.validation is not None)
+        yield Prepared(plan, tokenizer, data, resolve_checkpoint(cfg), steps, args)
 
 
 def run_training(cfg: Config) -> Path:
@@ -654,26 +661,27 @@ def load_sources(cfg: Config) -> list[Source]:
     return sources
 
 
-def local_data_files(name: str) -> list[Path] | None:
-    """The data files behind a local path, or None when `name` is not a local path (then it is a Hub id)."""
+def local_data_files(name: str, where: str) -> list[Path] | None:
+    """The data files behind a local path, or None when `name` is not a local path (then it is a Hub id). `where`
+    names the dataset in errors (with its list position)."""
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix not in DATA_BUILDERS:
-            raise UserError(f"dataset {name}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or "
+            raise UserError(f"dataset {where}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or "
                             f".parquet")
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in DATA_BUILDERS)
         odd = next((p for p in files if not p.is_file()), None)
         if odd is not None:  # a folder or dead link named like data: skipping it would silently drop rows
-            raise UserError(f"dataset folder {name}: {odd.name} is not a readable file; move it out or fix it")
+            raise UserError(f"dataset folder {where}: {odd.name} is not a readable file; move it out or fix it")
         if not files:
-            raise UserError(f"dataset folder {name} holds no .jsonl/.json/.csv/.parquet file")
+            raise UserError(f"dataset folder {where} holds no .jsonl/.json/.csv/.parquet file")
         if len({DATA_BUILDERS[p.suffix] for p in files}) > 1:
-            raise UserError(f"dataset folder {name} mixes file types; keep one of .jsonl/.json, .csv or .parquet")
+            raise UserError(f"dataset folder {where} mixes file types; keep one of .jsonl/.json, .csv or .parquet")
         return files
     if name.startswith((".", "/", "~")) or Path(name).suffix in DATA_BUILDERS or name.count("/") > 1:
-        raise UserError(f"dataset not found: {name} (no such file or folder)")
+        raise UserError(f"dataset not found: {where} (no such file or folder)")
     return None
 
 
@@ -715,7 +723,7 @@ def read_rows(entry: DatasetEntry, cfg: Config, where: str):
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity(logging.CRITICAL)  # its own "Failed to read" lines would precede ours
-    files = local_data_files(entry.name)
+    files = local_data_files(entry.name, where)
     if files is None:
         try:
             rows = datasets.load_dataset(entry.name, entry.config, split=entry.split, token=hub_token(cfg))
@@ -1331,11 +1339,11 @@ def fine_tuner_class():
             return total
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, correct = self.weighted_loss(model, inputs, num_items_in_batch)
-            return (loss, {"correct": correct}) if return_outputs else loss
+            return self.weighted_loss(model, inputs, num_items_in_batch)[0]  # evaluation goes by prediction_step
 
         def weighted_loss(self, model, inputs, num_items_in_batch):
-            """(sum of w * CE over the trained tokens / denominator, tokens of weight 1 predicted right)."""
+            """(sum of w * CE over the trained tokens / denominator, tokens of weight 1 predicted right; counted in
+            evaluation only, as an argmax over the vocabulary costs a training step time)."""
             weights = inputs.pop("loss_weights")[:, 1:]
             targets = inputs.pop("labels")[:, 1:]
             keep = weights > 0
@@ -1354,7 +1362,8 @@ def fine_tuner_class():
                 logits = model(**inputs, use_cache=False).logits[:, :-1].float()
                 ce = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
                 loss = (ce * weights[keep]).sum() / denom
-                correct = ((logits[keep].argmax(-1) == targets[keep]) & (weights[keep] == 1)).sum()
+                correct = (((logits[keep].argmax(-1) == targets[keep]) & (weights[keep] == 1)).sum()
+                           if not torch.is_grad_enabled() else None)
             if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients; the denominator spans ranks
             return loss, correct
@@ -1495,16 +1504,14 @@ def make_trainer(cfg: Config, run: Prepared, model):
     from transformers import EarlyStoppingCallback
 
     plan, data = run.plan, run.data
-    steps = planned_steps(cfg, len(data.train), plan.world_size)
-    args = make_training_args(cfg, plan, steps, data.validation is not None)
     callbacks = [run_log_class()(cfg.output_dir), stop_on_signal_class()()]
     if cfg.early_stopping_patience and data.validation is not None:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
     trainable, total = count_parameters(model)
     print(f"model {cfg.model_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
-          f"{len(data.train)} training examples, {steps} steps")
+          f"{len(data.train)} training examples, {run.steps} steps")
     return fine_tuner_class()(
-        model=model, args=args, train_dataset=data.train.remove_columns("length"),
+        model=model, args=run.args, train_dataset=data.train.remove_columns("length"),
         eval_dataset=data.validation.remove_columns("length") if data.validation is not None else None,
         processing_class=run.tokenizer, data_collator=Collator(run.tokenizer.pad_token_id, plan.padding_free),
         callbacks=callbacks, fused_loss=plan.fused_loss)
@@ -1642,10 +1649,15 @@ def score_generation(model, tokenizer, pairs: list[TestPair], cfg: Config, plan:
 def adapter_merged(model):
     """LoRA folded into the base weights while the block runs (one matmul per layer instead of three), then taken out
     again; other models as they are."""
+    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     merge = bool(layers) and not any(m.merged or m.disable_adapters for m in layers)  # not under disable_adapter()
+    # Only fp32 weights take the adapter in and out again unchanged: a 16-bit or 4/8-bit base would be rounded or
+    # requantized twice, and the model scored (and then saved) would no longer be the one trained.
+    bases = [m.get_base_layer() for m in layers]
+    merge = merge and all(type(b) is torch.nn.Linear and b.weight.dtype == torch.float32 for b in bases)
     if merge:
         model.merge_adapter()
     try:
@@ -1781,7 +1793,8 @@ def model_card(cfg: Config, plan: Plan, summary: dict) -> str:
             f"model = {loader.split()[-1]}.from_pretrained(\"PATH\")\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"PATH\")")
     if plan.prompt_format == "chat":
-        ask = ("messages = [{\"role\": \"user\", \"content\": \"...\"}]\n"
+        system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else []
+        ask = (f"messages = {json.dumps([*system, {'role': 'user', 'content': '...'}])}\n"
                "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")")
     else:
         ask = "ids = tokenizer(\"...\", return_tensors=\"pt\").input_ids  # the raw prompt, as in training"
@@ -2055,8 +2068,10 @@ def export_run(cfg: Config, folder: Path, gguf_type: str) -> Path:
                         f"{', '.join(GGUF_ARCHITECTURES)}")
     out = folder / "gguf" / f"{folder.resolve().name}-{gguf_type}.gguf"
     steps = json.loads((folder / "eval.json").read_text()).get("steps")
+    datasets = ", ".join(e.name for e in dataset_entries(cfg.dataset_name, cfg))
     description = (f"{training_method(cfg)} fine-tune of {cfg.model_name} by finetune.py ({steps} steps on "
-                   f"{cfg.dataset_name}; {cfg.prompt_format} prompts)")
+                   f"{datasets}; {cfg.prompt_format} prompts)")
+    created = not out.parent.exists()
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
@@ -2070,6 +2085,8 @@ def export_run(cfg: Config, folder: Path, gguf_type: str) -> Path:
                         f"and run export again; nothing there was replaced") from None
     finally:
         tmp.unlink(missing_ok=True)
+        if created and not any(out.parent.iterdir()):  # a refused export leaves no trace
+            out.parent.rmdir()
     modelfile = out.with_suffix(".Modelfile")
     print(f"exported {out} ({out.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - started:.0f} s); for "
           f"Ollama: ollama create {out.stem} -f {modelfile}")
@@ -2347,17 +2364,15 @@ def settings_that_fit(cfg: Config, model_config, plan: Plan, budget: int) -> lis
     bases = [{}] + ([{"load_in_4bit": True, "load_in_8bit": False}] if cfg.use_peft and not cfg.load_in_4bit else [])
     for base in bases:
         for checkpointing in (False, True):
-            batch = cfg.batch_size
-            while batch >= 1:
-                accumulation = max(1, cfg.gradient_accumulation_steps * cfg.batch_size // batch)
+            effective = cfg.batch_size * cfg.gradient_accumulation_steps  # kept: it is what the learning rate suits
+            for batch in (b for b in range(cfg.batch_size, 0, -1) if effective % b == 0):
                 change = {**base, "gradient_checkpointing": checkpointing, "batch_size": batch,
-                          "gradient_accumulation_steps": accumulation}
+                          "gradient_accumulation_steps": effective // batch}
                 trial = cfg.model_copy(update=change)
                 total = estimate_memory(trial, model_config, plan.precision, checkpointing, plan.device)["total"]
                 if total <= budget:
                     found.append(" ".join(f"{k}={str(v).lower()}" for k, v in change.items()) + f"  (~{gib(total)})")
                     break
-                batch //= 2
     return found
 
 
@@ -2393,7 +2408,7 @@ def is_main_process() -> bool:
 @contextmanager
 def output_dir_lock(output_dir: str, hold: bool = True):
     """An exclusive lock on output_dir/.lock while the block runs, so that a second run on the same folder refuses.
-    hold=False only checks that no running job holds it (--validate; ranks other than 0), creating nothing."""
+    hold=False only checks that no running job holds it (--validate), creating nothing."""
     import fcntl
 
     out = Path(output_dir)

@@ -3,8 +3,8 @@
     .venv/bin/python bench/bench_scoring.py RUN_FOLDER [--rounds 2] [--json OUT.json]
 
 Both answer the run's test prompts greedily with up to eval_max_new_tokens new tokens, alternately, `--rounds` times:
-- before: the previous release's scoring: batches of 16 prompts in file order, tokenizer padding on the left, the
-  adapter applied as separate LoRA layers, stopping at EOS;
+- before: the previous release's scoring (its evaluate_generation): batches of max(batch_size, 8) prompts in file
+  order, tokenizer padding on the left, the adapter applied as separate LoRA layers, stopping at EOS;
 - after: finetune.score_generation: the adapter merged into the weights while it runs, prompts sorted by length and
   batched up to a token budget, stopping at EOS or end-of-turn.
 It reports the seconds, generated tokens per second and whether every answer is the same. A benchmark, not a test.
@@ -25,16 +25,16 @@ sys.path.insert(0, str(ROOT))
 import finetune  # noqa: E402
 
 
-def previous_scoring(model, tokenizer, pairs, max_new_tokens: int) -> list[str]:
-    """The previous release's generate_answers, as it was."""
+def previous_scoring(model, tokenizer, pairs, max_new_tokens: int, batch_size: int) -> list[str]:
+    """The previous release's generate_answers, as its evaluate_generation called it."""
     import torch
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers = []
     model.eval()
     try:
-        for s in range(0, len(pairs), 16):
-            enc = tokenizer([p.prompt for p in pairs[s:s + 16]], return_tensors="pt", padding=True)
+        for s in range(0, len(pairs), batch_size):
+            enc = tokenizer([p.prompt for p in pairs[s:s + batch_size]], return_tensors="pt", padding=True)
             with torch.inference_mode():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
@@ -61,7 +61,8 @@ def main() -> None:
         for kind in results:
             started = time.perf_counter()
             if kind == "before":
-                answers[kind] = previous_scoring(model, tokenizer, pairs, cfg.eval_max_new_tokens)
+                answers[kind] = previous_scoring(model, tokenizer, pairs, cfg.eval_max_new_tokens,
+                                                  max(cfg.batch_size, 8))
             else:
                 with finetune.adapter_merged(model):
                     answers[kind], tokens = finetune.generate_answers(model, tokenizer, [p.ids for p in pairs],

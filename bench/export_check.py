@@ -1,12 +1,13 @@
 """GGUF export checked by its consumers: transformers' GGUF reader and llama.cpp itself, against the merged model.
 
-    .venv/bin/python bench/export_check.py RUN_FOLDER [--types f16 bf16 q8_0 q4_0] [--llama-venv bench/.llama-venv]
+    .venv/bin/python bench/export_check.py RUN_FOLDER [--types f16 q8_0 ...] [--llama-venv bench/.llama-venv]
 
-For each type: export the finished run (timed; file size), answer its test prompts greedily with the merged model
-(transformers, as `merge` writes it), with the file through transformers' GGUF reader, and with the file in llama.cpp
-(llama-cpp-python, which compiles llama.cpp from source: it lives in its own virtualenv, built on first use, because
-the build takes minutes; the build time is printed). It reports how many answers equal the merged model's, and each
-side's exact match against the references. Writes bench/results/export-<cpu kind>.json. A benchmark, not a test.
+For each type (by default every type `export` writes): export the finished run (timed; file size), answer its test
+prompts greedily with the merged model (transformers, as `merge` writes it), with the file through transformers' GGUF
+reader, and with the file in llama.cpp (llama-cpp-python, which compiles llama.cpp from source: it lives in its own
+virtualenv, built on first use, because the build takes many minutes; the build time is printed). It reports how many
+answers equal the merged model's, and each side's exact match against the references. Writes
+bench/results/export-<cpu kind>.json. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def exact(answers: list[str], pairs) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--types", nargs="+", default=["f16", "bf16", "q8_0", "q4_0"])
+    parser.add_argument("--types", nargs="+", default=list(finetune.GGUF_FILE_TYPES))
     parser.add_argument("--llama-venv", type=Path, default=ROOT / "bench" / ".llama-venv")
     args = parser.parse_args()
     import torch

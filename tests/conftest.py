@@ -13,6 +13,9 @@ from helpers import DEMO_TEST, DEMO_TRAIN, EMBEDDED, run_cli, write_jsonl
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs on the embedded model or of the CLI (still run in CI)")
+    # finetune.py silences these library warnings at import; pytest resets warning filters for every test.
+    for message in ("MatMul8bitLt", "`is_gradient_checkpointing` is deprecated"):
+        config.addinivalue_line("filterwarnings", f"ignore:{message}")
 
 
 @pytest.fixture(scope="session")

@@ -379,8 +379,9 @@ def _(c):
 # --- dataset lists: each bad entry named by its position and name ---------------------------------------------------
 
 add("no-dataset-at-all", lambda c: Bad(c.run(dataset_name=None), r"dataset_name is not set"))
-add("list-entry-missing-file", lambda c: Bad(c.run(dataset_name=[str(c.good), str(c.tmp / "gone.jsonl")]),
-                                             rf"not found: {re.escape(str(c.tmp / 'gone.jsonl'))}"))
+add("list-entry-missing-file", lambda c: Bad(
+    c.run(dataset_name=[str(c.good), str(c.tmp / "gone.jsonl")]),
+    rf"not found: {re.escape(str(c.tmp / 'gone.jsonl'))} \(dataset_name entry 2\)"))
 add("list-entry-without-the-needed-fields", lambda c: Bad(
     c.run(dataset_name=[str(c.good), str(write_jsonl(c.tmp / "qa.jsonl", [{"q": 1, "a": 2}] * 5))]),
     r"qa\.jsonl \(dataset_name entry 2\)"))

@@ -58,6 +58,20 @@ def test_greedy_answers_are_the_same_adapter_merged_or_not_batched_or_alone(make
     assert all(not getattr(m, "merged", False) for m in model.modules())  # unmerged again afterwards
 
 
+def test_scoring_leaves_a_16_bit_base_bit_for_bit_as_trained(make_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = make_cfg()
+    plan = finetune.make_plan(cfg, finetune.load_tokenizer(cfg), finetune.load_model_config(cfg))
+    torch.manual_seed(0)
+    model = get_peft_model(finetune.load_base_model(cfg, plan, for_training=False).to(torch.bfloat16),
+                           LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with finetune.adapter_merged(model):
+        pass
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
 def test_scores_are_given_per_dataset_when_the_test_rows_come_from_several(make_cfg, tmp_path, pc_rows):
     first = write_jsonl(tmp_path / "a.jsonl", pc_rows[:2])
     second = write_jsonl(tmp_path / "b.jsonl", [chat(("user", r["prompt"]), ("assistant", r["completion"]))

@@ -51,16 +51,25 @@ def test_transformers_reads_the_16_bit_file_and_answers_as_the_merged_model(expo
     assert gguf_answers(files[gguf_type], pairs) == reference
 
 
-def test_the_q8_0_file_keeps_the_weights_within_its_rounding(exports):
+# The largest rounding error of each type, as a fraction of a block's largest weight: q8_0 and the *_1 types round to
+# the nearest of their levels; q4_0 and q5_0 have one level fewer on the positive side, so the far end clamps. The
+# block scale is stored in f16, which adds up to 2^-11 of it per level (the 1.15 below).
+ROUNDING = {"q8_0": 1 / 254, "q5_1": 1 / 31, "q5_0": 1 / 16, "q4_1": 1 / 15, "q4_0": 1 / 8}
+
+
+@pytest.mark.parametrize("gguf_type", ROUNDING)
+def test_each_quantized_file_keeps_the_weights_within_its_rounding(exports, gguf_type):
     from transformers import AutoModelForCausalLM
 
-    out, _, _, files = exports
+    out = exports[0]
+    path = exported(out, gguf_type)
     merged, _ = finetune.merged_model(finetune.run_config(out, {}, "test"), out)
-    model = AutoModelForCausalLM.from_pretrained(files["q8_0"].parent, gguf_file=files["q8_0"].name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     for name, weight in merged.state_dict().items():
         if name.endswith("proj.weight"):
             exact = weight.float()
-            assert (model.state_dict()[name].float() - exact).abs().max() <= exact.abs().max() / 127 * 1.01, name
+            error = (model.state_dict()[name].float() - exact).abs().max()
+            assert error <= exact.abs().max() * ROUNDING[gguf_type] * 1.15, name
 
 
 def metadata(path) -> dict:

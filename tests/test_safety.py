@@ -132,6 +132,7 @@ def test_a_resumed_run_keeps_its_best_checkpoint(overfitting, tmp_path, cli):
     assert (tmp_path / "run" / f"checkpoint-{best_step}").is_dir()
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_output_dir_refuses_and_the_first_finishes(make_cfg, tmp_path, capsys):
     cfg = make_cfg(output_dir=str(tmp_path / "run"), max_steps=150, batch_size=2)
     proc = start_cli(config_file(tmp_path / "run.yml", cfg))

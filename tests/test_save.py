@@ -1,6 +1,7 @@
 """The saved result: at the root of output_dir as the ecosystem expects (seed 001's snippet loads it), complete or
 refused, with a model card, the stop tokens and the chat template the run trained with."""
 
+import ast
 import json
 import shutil
 import subprocess
@@ -99,6 +100,18 @@ def test_model_card_names_base_data_method_scores_and_how_to_prompt(finished_run
         card = (out / "README.md").read_text()
         assert f"base_model: {cfg.model_name}" in card and cfg.dataset_name in card and "with LoRA" in card
         assert "exact_match" in card and "loss.png" in card and asks in card
+
+
+def test_model_card_example_prompts_exactly_as_training_did_system_prompt_included(make_cfg):
+    cfg = make_cfg(system_prompt="Reply in JSON.")
+    tokenizer = finetune.load_tokenizer(cfg)
+    plan = finetune.make_plan(cfg, tokenizer, finetune.load_model_config(cfg))
+    card = finetune.model_card(cfg, plan, {"steps": 1})
+    example = next(line for line in card.splitlines() if line.startswith("messages = "))
+    messages = ast.literal_eval(example.removeprefix("messages = "))
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "Reply in JSON." in text
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == finetune.prompt_ids(tokenizer, "...", cfg, plan)
 
 
 def test_the_tokenizer_carries_the_chat_template_only_when_the_run_trained_with_it(finished_run, raw_run):
