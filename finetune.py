@@ -512,10 +512,7 @@ def run_training(cfg: Config) -> Path:
         summary.update(training_summary(trainer.state))
         report_training(trainer.state, cfg)
         if pairs:
-            summary["fine_tuned"], samples = score_generation(trainer.model, run.tokenizer, pairs, cfg, run.plan,
-                                                              "fine-tuned model")
-            summary["wrong"] = [s for s in samples if not s["exact"]]
-            print(results_table(summary.get("base"), summary["fine_tuned"]))
+            summary.update(fine_tuned_scores(trainer.model, run.tokenizer, pairs, cfg, run.plan, summary.get("base")))
         out = write_final(trainer.model, run.tokenizer, cfg, run.plan, summary)
         print(f"saved to {out} in {time.time() - started:.0f} s")
         if cfg.merge_adapter and cfg.use_peft:
@@ -1519,7 +1516,7 @@ def make_trainer(cfg: Config, run: Prepared, model):
 
 def train(trainer, checkpoint: str | None, cfg: Config) -> None:
     """trainer.train(), turning a signal's checkpoint-and-stop into Interrupted with the way to resume."""
-    stopper = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "StopOnSignal")
+    stopper = next(c for c in trainer.callback_handler.callbacks if isinstance(c, stop_on_signal_class()))
     trainer.train(resume_from_checkpoint=checkpoint)
     if stopper.signum:
         raise Interrupted(f"{signal.Signals(stopper.signum).name}: stopped at step {trainer.state.global_step} with a "
@@ -1643,6 +1640,13 @@ def score_generation(model, tokenizer, pairs: list[TestPair], cfg: Config, plan:
     samples = [{"prompt": p.prompt, "reference": p.reference, "answer": a, "source": p.source,
                 "exact": a.strip() == p.reference.strip()} for p, a in zip(pairs, answers)]
     return scores, samples
+
+
+def fine_tuned_scores(model, tokenizer, pairs: list[TestPair], cfg: Config, plan: Plan, base: dict | None) -> dict:
+    """{fine_tuned: scores, wrong: the answers that missed}, for eval.json; prints the base vs fine-tuned table."""
+    scores, samples = score_generation(model, tokenizer, pairs, cfg, plan, "fine-tuned model")
+    print(results_table(base, scores))
+    return {"fine_tuned": scores, "wrong": [s for s in samples if not s["exact"]]}
 
 
 @contextmanager
@@ -1906,7 +1910,6 @@ def run_plan(cfg: Config, folder: Path):
 
 def load_finetuned(cfg: Config, plan: Plan, folder: Path):
     """The fine-tuned model of a run: its base plus the adapter, or its full weights."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     if (folder / "adapter_config.json").exists():
@@ -1951,9 +1954,7 @@ def eval_run(cfg: Config, folder: Path, model_file: Path | None = None) -> dict:
         if cfg.eval_before:
             with base_model(cfg, plan, model) as base:
                 summary["base"], _ = score_generation(base, tokenizer, pairs, cfg, plan, "base model")
-        summary["fine_tuned"], samples = score_generation(model, tokenizer, pairs, cfg, plan, "fine-tuned model")
-        summary["wrong"] = [s for s in samples if not s["exact"]]
-        print(results_table(summary.get("base"), summary["fine_tuned"]))
+        summary.update(fine_tuned_scores(model, tokenizer, pairs, cfg, plan, summary.get("base")))
     write_file_atomically(folder / "eval.json", json.dumps(summary, indent=2).encode())
     return summary
 
@@ -2241,8 +2242,6 @@ def add_gguf_tokenizer(writer, tokenizer, tokenizer_dir: Path, n_vocab: int) -> 
 
 def llama3_rope_factors(rope: dict, theta: float, head_dim: int):
     """Llama 3.1's per-frequency rope scaling, as llama.cpp's converter computes it."""
-    import math
-
     import torch
 
     factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)

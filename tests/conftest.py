@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 
 import finetune
-from helpers import DEMO_TEST, DEMO_TRAIN, EMBEDDED, run_cli, write_jsonl
+from helpers import DEMO_TEST, DEMO_TRAIN, EMBEDDED, FAST, run_cli, write_jsonl
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs on the embedded model or of the CLI (still run in CI)")
-    # finetune.py silences these library warnings at import; pytest resets warning filters for every test.
-    for message in ("MatMul8bitLt", "`is_gradient_checkpointing` is deprecated"):
+    # Library warnings with nothing to act on (finetune.py silences the first two at import, but pytest resets warning
+    # filters for every test).
+    for message in ("MatMul8bitLt", "`is_gradient_checkpointing` is deprecated",
+                    "`torch.jit.script_method` is deprecated"):
         config.addinivalue_line("filterwarnings", f"ignore:{message}")
 
 
@@ -62,10 +64,6 @@ def chat_file(tmp_path, pc_rows) -> Path:
     rows = [{"messages": [{"role": "user", "content": r["prompt"]},
                           {"role": "assistant", "content": r["completion"].strip()}]} for r in pc_rows]
     return write_jsonl(tmp_path / "chat.jsonl", rows)
-
-
-FAST = dict(max_steps=4, batch_size=4, logging_steps=1, eval_strategy="no", save_strategy="no", eval_before=False,
-            learning_rate=1e-3, eval_max_new_tokens=8, precision="fp32", test_dataset=None)
 
 
 @pytest.fixture

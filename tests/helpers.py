@@ -25,8 +25,15 @@ EMBEDDED = ROOT / finetune.EMBEDDED_MODEL
 DEMO_TRAIN = ROOT / "data" / "demo_train.jsonl"
 DEMO_TEST = ROOT / "data" / "demo_test.jsonl"
 # A training run that only has to get through: one step, nothing scored, nothing evaluated or saved on the way.
-ONE_STEP = dict(max_steps=1, batch_size=4, logging_steps=1, eval_strategy="no", save_strategy="no", validation_split=0,
-                eval_before=False, test_dataset=None, precision="fp32")
+# Settings of a fast run of the tiny model: a few steps, no evaluation, checkpoint or scoring unless a test asks.
+FAST = dict(max_steps=4, batch_size=4, logging_steps=1, eval_strategy="no", save_strategy="no", eval_before=False,
+            learning_rate=1e-3, eval_max_new_tokens=8, precision="fp32", test_dataset=None)
+ONE_STEP = dict(FAST, max_steps=1, validation_split=0)
+
+
+def plan_for(cfg: finetune.Config, tokenizer=None) -> finetune.Plan:
+    """The plan a run of cfg makes on this machine (with cfg's own tokenizer unless one is given)."""
+    return finetune.make_plan(cfg, tokenizer or finetune.load_tokenizer(cfg), finetune.load_model_config(cfg))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

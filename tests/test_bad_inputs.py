@@ -575,5 +575,6 @@ def test_push_without_hf_token_refuses_after_saving_locally(tmp_path, tiny_model
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     code, out, err = train(tmp_path, tiny_model, pc_file, capfd, "push_to_hub=true", "hub_model_id=someone/tiny")
     saved = re.escape(str(tmp_path / "out"))
+    assert "Traceback" not in err  # the training before it logs to stderr, so its last line is the refusal
     assert_one_line_error(code, "", err.splitlines()[-1], rf"push_to_hub: .*HF_TOKEN.*{saved}")
     assert (tmp_path / "out" / "result.json").is_file()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import finetune
-from helpers import DEMO_TRAIN, chat, write_jsonl
+from helpers import DEMO_TRAIN, chat, plan_for, write_jsonl
 
 DEMO = [json.loads(line) for line in DEMO_TRAIN.read_text().splitlines()[:6]]  # real prompt/completion rows
 
@@ -16,10 +16,6 @@ DEMO = [json.loads(line) for line in DEMO_TRAIN.read_text().splitlines()[:6]]  #
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
     return finetune.load_tokenizer(finetune.Config(model_name=str(tiny_model), eval_strategy="no"))
-
-
-def plan_for(cfg: finetune.Config, tokenizer) -> finetune.Plan:
-    return finetune.make_plan(cfg, tokenizer, finetune.load_model_config(cfg))
 
 
 def tokenized(cfg: finetune.Config, tokenizer) -> tuple[list[dict], int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import finetune
-from helpers import ROOT, logged, write_config
+from helpers import ROOT, logged, plan_for, write_config
 
 
 @pytest.mark.slow
@@ -29,7 +29,7 @@ def test_torchrun_two_processes_share_the_data_and_write_one_output(make_cfg, tm
     trained = [r for r in logged(run) if "loss" in r]
     assert [r["step"] for r in trained] == [1, 2, 3, 4, 5]
     tokenizer = finetune.load_tokenizer(cfg)
-    lengths = finetune.load_data(cfg, finetune.make_plan(cfg, tokenizer, finetune.load_model_config(cfg)),
+    lengths = finetune.load_data(cfg, plan_for(cfg, tokenizer),
                                  tokenizer).train["length"]
     # Every training token is seen by one rank or the other; accelerate evens out each rank's short last batch
     # (18 rows = 4+4+4+4+2) by repeating 2 rows, so at most 4 rows are counted twice.
@@ -38,7 +38,7 @@ def test_torchrun_two_processes_share_the_data_and_write_one_output(make_cfg, tm
 
 def test_fsdp_and_deepspeed_settings_reach_the_trainer(make_cfg):
     cfg = make_cfg(fsdp=True, fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-    plan = finetune.make_plan(cfg, finetune.load_tokenizer(cfg), finetune.load_model_config(cfg))
+    plan = plan_for(cfg)
     args = finetune.make_training_args(cfg, plan, 4, False)
     assert args.fsdp and args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert not finetune.make_training_args(make_cfg(), plan, 4, False).fsdp

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import finetune
-from helpers import chat, write_jsonl
+from helpers import chat, plan_for, write_jsonl
 
 RECORD = '{"intent": "set_reminder", "task": "call mom", "day": "monday", "time": "09:00"}'
 
@@ -43,7 +43,7 @@ def test_greedy_answers_are_the_same_adapter_merged_or_not_batched_or_alone(make
 
     cfg = make_cfg()
     tokenizer = finetune.load_tokenizer(cfg)
-    plan = finetune.make_plan(cfg, tokenizer, finetune.load_model_config(cfg))
+    plan = plan_for(cfg, tokenizer)
     torch.manual_seed(0)  # an adapter with random A and B, so that it changes every answer
     model = get_peft_model(finetune.load_base_model(cfg, plan, for_training=False),
                            LoraConfig(target_modules="all-linear", init_lora_weights=False))
@@ -62,7 +62,7 @@ def test_scoring_leaves_a_16_bit_base_bit_for_bit_as_trained(make_cfg):
     from peft import LoraConfig, get_peft_model
 
     cfg = make_cfg()
-    plan = finetune.make_plan(cfg, finetune.load_tokenizer(cfg), finetune.load_model_config(cfg))
+    plan = plan_for(cfg)
     torch.manual_seed(0)
     model = get_peft_model(finetune.load_base_model(cfg, plan, for_training=False).to(torch.bfloat16),
                            LoraConfig(target_modules="all-linear", init_lora_weights=False))
@@ -78,7 +78,7 @@ def test_scores_are_given_per_dataset_when_the_test_rows_come_from_several(make_
                                                 for r in pc_rows[2:5]])
     cfg = make_cfg(test_dataset=[str(first), str(second)])
     tokenizer = finetune.load_tokenizer(cfg)
-    plan = finetune.make_plan(cfg, tokenizer, finetune.load_model_config(cfg))
+    plan = plan_for(cfg, tokenizer)
     pairs = finetune.load_test_pairs(cfg, plan, tokenizer, [])
     model = finetune.load_base_model(cfg, plan, for_training=False)
     scores, samples = finetune.score_generation(model, tokenizer, pairs, cfg, plan, "base model")

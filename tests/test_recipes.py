@@ -4,7 +4,6 @@ model, and the 7B QLoRA one fits a 24 GB GPU."""
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import jsonschema

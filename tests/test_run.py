@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 import finetune
-from helpers import DEMO_TEST, ONE_STEP, assert_one_line_error, logged, run_main, write_config, write_jsonl
+from helpers import (DEMO_TEST, ONE_STEP, assert_one_line_error, logged, plan_for, run_main, write_config,
+                     write_jsonl)
 
 
 @pytest.mark.parametrize("flags, expected", [("avx2 fma", "fp32"), ("avx512f avx512_bf16", "bf16"),
@@ -56,7 +57,7 @@ def test_prompt_format_auto_is_chat_with_a_chat_template_and_raw_without(make_cf
     (plain / "chat_template.jinja").unlink()
     for model, expected in ((tiny_model, "chat"), (plain, "raw")):
         cfg = make_cfg(model_name=str(model))
-        plan = finetune.make_plan(cfg, finetune.load_tokenizer(cfg), finetune.load_model_config(cfg))
+        plan = plan_for(cfg)
         assert plan.prompt_format == expected
 
 

@@ -145,6 +145,14 @@ def test_second_run_on_the_same_output_dir_refuses_and_the_first_finishes(make_c
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+def test_ranks_other_than_0_run_beside_the_lock_rank_0_holds(make_cfg, monkeypatch):
+    cfg = make_cfg()
+    with finetune.output_dir_lock(cfg.output_dir, hold=True):
+        monkeypatch.setenv("RANK", "1")
+        with finetune.prepared_run(cfg, hold_lock=False) as run:
+            assert len(run.data.train) > 0
+
+
 def test_publishing_a_result_replaces_the_earlier_one_whole(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import finetune
 from conftest import tiny_llama
-from helpers import ROOT, assert_one_line_error, chat, run_main, write_jsonl
+from helpers import assert_one_line_error, chat, plan_for, run_main, write_jsonl
 
 
 def test_the_result_lies_at_the_root_of_output_dir_listed_by_its_marker(finished_run):
@@ -105,7 +104,7 @@ def test_model_card_names_base_data_method_scores_and_how_to_prompt(finished_run
 def test_model_card_example_prompts_exactly_as_training_did_system_prompt_included(make_cfg):
     cfg = make_cfg(system_prompt="Reply in JSON.")
     tokenizer = finetune.load_tokenizer(cfg)
-    plan = finetune.make_plan(cfg, tokenizer, finetune.load_model_config(cfg))
+    plan = plan_for(cfg, tokenizer)
     card = finetune.model_card(cfg, plan, {"steps": 1})
     example = next(line for line in card.splitlines() if line.startswith("messages = "))
     messages = ast.literal_eval(example.removeprefix("messages = "))
