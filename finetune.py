@@ -1340,7 +1340,7 @@ def fine_tuner_class():
 
         def weighted_loss(self, model, inputs, num_items_in_batch):
             """(sum of w * CE over the trained tokens / denominator, tokens of weight 1 predicted right; counted in
-            evaluation only, as an argmax over the vocabulary costs a training step time)."""
+            evaluation only, as an argmax over the vocabulary would slow every training step)."""
             weights = inputs.pop("loss_weights")[:, 1:]
             targets = inputs.pop("labels")[:, 1:]
             keep = weights > 0
@@ -2361,9 +2361,9 @@ def settings_that_fit(cfg: Config, model_config, plan: Plan, budget: int) -> lis
     """Ways to fit the budget, cheapest change first: checkpointing, smaller batches with more accumulation, 4-bit."""
     found = []
     bases = [{}] + ([{"load_in_4bit": True, "load_in_8bit": False}] if cfg.use_peft and not cfg.load_in_4bit else [])
+    effective = cfg.batch_size * cfg.gradient_accumulation_steps  # kept: it is what the learning rate suits
     for base in bases:
         for checkpointing in (False, True):
-            effective = cfg.batch_size * cfg.gradient_accumulation_steps  # kept: it is what the learning rate suits
             for batch in (b for b in range(cfg.batch_size, 0, -1) if effective % b == 0):
                 change = {**base, "gradient_checkpointing": checkpointing, "batch_size": batch,
                           "gradient_accumulation_steps": effective // batch}

@@ -51,7 +51,8 @@ def test_schema_prints_the_config_schema(cli):
 @pytest.fixture
 def missing_model_config(tmp_path, pc_file):
     path = tmp_path / "c.yml"
-    path.write_text(f"model_name: {tmp_path / 'empty-model'}\ndataset_name: {pc_file}\noutput_dir: {tmp_path / 'out'}\n")
+    path.write_text(f"model_name: {tmp_path / 'empty-model'}\ndataset_name: {pc_file}\n"
+                    f"output_dir: {tmp_path / 'out'}\n")
     (tmp_path / "empty-model").mkdir()
     return str(path)
 
