@@ -634,6 +634,13 @@ def dataset_entries(spec, cfg: Config, test: bool = False) -> list[DatasetEntry]
     return entries
 
 
+def named_entries(entries: list[DatasetEntry], key: str) -> list[tuple[DatasetEntry, str]]:
+    """Each entry with the name errors give it: its name, and its position in the list when the key lists several."""
+    if len(entries) == 1:
+        return [(entries[0], entries[0].name)]
+    return [(entry, f"{entry.name} ({key} entry {position})") for position, entry in enumerate(entries, 1)]
+
+
 def load_sources(cfg: Config) -> list[Source]:
     """Each training dataset read and checked, its format found, its rows split into training and validation."""
     entries = dataset_entries(cfg.dataset_name, cfg)
@@ -641,8 +648,7 @@ def load_sources(cfg: Config) -> list[Source]:
         raise UserError("dataset_name is not set: name your training data (a .jsonl file, a folder of files or a Hub "
                         "dataset id) in the config or as dataset_name=PATH")
     sources = []
-    for position, entry in enumerate(entries, 1):
-        where = entry.name if len(entries) == 1 else f"{entry.name} (dataset_name entry {position})"
+    for entry, where in named_entries(entries, "dataset_name"):
         rows = read_rows(entry, cfg, where)
         rows = rows.add_column(ROW, list(range(1, len(rows) + 1)))
         fmt = row_format(rows.column_names, entry, where)
@@ -896,8 +902,7 @@ def load_test_pairs(cfg: Config, plan: Plan, tokenizer, sources: list[Source]) -
     eval_max_examples of them. Plain-text rows have no answer to score."""
     if cfg.test_dataset:
         tests = []
-        for position, entry in enumerate(dataset_entries(cfg.test_dataset, cfg, test=True), 1):
-            where = entry.name if isinstance(cfg.test_dataset, str) else f"{entry.name} (test_dataset entry {position})"
+        for entry, where in named_entries(dataset_entries(cfg.test_dataset, cfg, test=True), "test_dataset"):
             rows = read_rows(entry, cfg, where)
             tests.append((rows, row_format(rows.column_names, entry, where), entry, where))
     else:
@@ -1524,10 +1529,15 @@ def train(trainer, checkpoint: str | None, cfg: Config) -> None:
                           f"resume_from_checkpoint=auto", stopper.signum)
 
 
+def validation_losses(history: list[dict]) -> list[tuple[int, float]]:
+    """(step, validation loss) of each evaluation in a Trainer log history, in order."""
+    return [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+
+
 def training_summary(state) -> dict:
     """Steps, last losses and, when validation loss guided the run, its best step."""
     train_losses = [h["loss"] for h in state.log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in state.log_history if "eval_loss" in h]
+    evals = validation_losses(state.log_history)
     summary = {"steps": state.global_step, "train_loss": round(train_losses[-1], 4) if train_losses else None,
                "eval_loss": round(evals[-1][1], 4) if evals else None}
     if evals:
@@ -1712,7 +1722,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def overfitting_step(history: list[dict]) -> int | None:
     """The step of the lowest validation loss, if validation loss has since risen while training loss kept falling."""
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    evals = validation_losses(history)
     if len(evals) < 3:
         return None
     best_step, best = min(evals, key=lambda e: e[1])
