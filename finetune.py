@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -498,27 +499,41 @@ def run_training(cfg: Config) -> Path:
     main_process = is_main_process()
     with prepared_run(cfg, hold_lock=main_process) as run:
         print(run.plan.describe())
+        memory = MemoryLog(run.plan.device)
         model = build_model(cfg, run.plan)
         if main_process:
             clear_output_dir(cfg)  # only now: a run refused for bad input leaves the earlier one whole
-        trainer = make_trainer(cfg, run, model)
+        trainer = make_trainer(cfg, run, model, memory)
         summary: dict[str, Any] = {"plan": dataclasses.asdict(run.plan), "data": run.data.describe()}
         pairs = run.data.test_pairs if main_process else []
         if cfg.eval_before and pairs:
-            summary["base"], _ = score_generation(trainer.model, run.tokenizer, pairs, cfg, run.plan, "base model")
-        train(trainer, run.checkpoint, cfg)
+            with memory.phase("base scoring"):
+                summary["base"], _ = score_generation(trainer.model, run.tokenizer, pairs, cfg, run.plan, "base model")
+        with memory.phase("training"):
+            train(trainer, run.checkpoint, cfg)
         if not main_process:
             return Path(cfg.output_dir)
         summary.update(training_summary(trainer.state))
         report_training(trainer.state, cfg)
         if pairs:
-            summary.update(fine_tuned_scores(trainer.model, run.tokenizer, pairs, cfg, run.plan, summary.get("base")))
-        out = write_final(trainer.model, run.tokenizer, cfg, run.plan, summary)
+            with memory.phase("fine-tuned scoring"):
+                summary.update(fine_tuned_scores(trainer.model, run.tokenizer, pairs, cfg, run.plan,
+                                                 summary.get("base")))
+        with memory.phase("save"):
+            out = write_final(trainer.model, run.tokenizer, cfg, run.plan, {**summary, "memory": memory.summary()})
         print(f"saved to {out} in {time.time() - started:.0f} s")
+        del trainer, model  # merge and export load the result again: the training model, its gradients and optimizer
+        gc.collect()  # states would only add to their peak
         if cfg.merge_adapter and cfg.use_peft:
-            print(f"merged model saved to {merge_run(cfg, out)}")
+            with memory.phase("merge"):
+                print(f"merged model saved to {merge_run(cfg, out)}")
         if cfg.export_gguf:
-            export_run(cfg, out, cfg.export_gguf)
+            with memory.phase("export"):
+                export_run(cfg, out, cfg.export_gguf)
+        print(memory.describe())
+        if cfg.export_gguf or cfg.merge_adapter and cfg.use_peft:  # eval.json records their peaks too
+            write_file_atomically(out / "eval.json", json.dumps({**summary, "memory": memory.summary()}, indent=2)
+                                  .encode())
         if cfg.push_to_hub:
             print(f"pushed to {push_run(cfg, out)}")
     return out
@@ -1326,9 +1341,9 @@ def fine_tuner_class():
     fused_ce = fused_linear_cross_entropy()
 
     class FineTuner(SFTTrainer):
-        def __init__(self, *args, fused_loss: bool, **kwargs):
+        def __init__(self, *args, fused_loss: bool, memory: MemoryLog | None = None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.fused_loss = fused_loss
+            self.fused_loss, self.memory = fused_loss, memory
             self.loss_is_scaled_for_ga = True  # divided by the window's summed weights, see _get_num_items_in_batch
             self.trained_tokens, self.last_log = 0, (time.perf_counter(), 0)
 
@@ -1383,6 +1398,10 @@ def fine_tuner_class():
             # _metrics: TRL's per-mode lists of values, averaged into the next log line (trl 1.16, pinned).
             self._metrics["eval"]["mean_token_accuracy"].append(int(correct) / max(completion, 1))
             return loss.detach(), None, None
+
+        def evaluate(self, *args, **kwargs):
+            with self.memory.phase("evaluation") if self.memory else nullcontext():
+                return super().evaluate(*args, **kwargs)
 
         def log(self, logs: dict, start_time: float | None = None) -> None:
             if "loss" in logs:  # Trainer logs on every rank, so the gather below is matched on all of them
@@ -1502,7 +1521,7 @@ def make_training_args(cfg: Config, plan: Plan, steps: int, has_eval: bool):
     )
 
 
-def make_trainer(cfg: Config, run: Prepared, model):
+def make_trainer(cfg: Config, run: Prepared, model, memory: MemoryLog | None = None):
     from transformers import EarlyStoppingCallback
 
     plan, data = run.plan, run.data
@@ -1516,7 +1535,7 @@ def make_trainer(cfg: Config, run: Prepared, model):
         model=model, args=run.args, train_dataset=data.train.remove_columns("length"),
         eval_dataset=data.validation.remove_columns("length") if data.validation is not None else None,
         processing_class=run.tokenizer, data_collator=Collator(run.tokenizer.pad_token_id, plan.padding_free),
-        callbacks=callbacks, fused_loss=plan.fused_loss)
+        callbacks=callbacks, fused_loss=plan.fused_loss, memory=memory)
 
 
 def train(trainer, checkpoint: str | None, cfg: Config) -> None:
@@ -1584,6 +1603,10 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     batch_size = max(1, min(64, tokens_per_batch // (max(map(len, prompts), default=1) + max_new_tokens)))
     answers, generated = [""] * len(prompts), 0
     model.eval()
+    # At prefill the LM head gets a strided slice (logits_to_keep=1), and torch 2.13's CPU bf16 matmul of a strided
+    # input with a frozen weight takes a reference kernel: 0.5 s a row for Gemma 3's 262k vocabulary, its scratch
+    # memory growing with the rows. A contiguous copy of the one position costs nothing.
+    head = model.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
     for s in range(0, len(order), batch_size):
         rows = [prompts[i] for i in order[s:s + batch_size]]
         width = max(map(len, rows))
@@ -1596,6 +1619,7 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
         generated += int((~torch.isin(new, torch.tensor(stops + [pad], device=device))).sum())
         for i, text in zip(order[s:s + batch_size], tokenizer.batch_decode(new, skip_special_tokens=True)):
             answers[i] = text
+    head.remove()
     return answers, generated
 
 
@@ -2405,6 +2429,65 @@ def estimate_run(cfg: Config, budget: str | None, device: str | None = None) -> 
             print(f"  {option}")
 
 
+class MemoryLog:
+    """The peak memory of each phase of a run, measured: resident memory on CPU (Linux's high-water mark, reset at each
+    phase through /proc/self/clear_refs), allocated memory on CUDA. Phases nest (evaluation inside training); `load`
+    runs from the start of the process to the first phase. Each phase ends by handing the C heap's free pages back
+    to the system: the allocator settings that speed up training (FAST_ALLOCATOR) would otherwise keep every
+    phase's transient memory resident for the rest of the run."""
+
+    def __init__(self, device: str):
+        self.device, self.peaks, self.open = device, {}, ["load"]
+
+    def high_water(self) -> int:
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated()
+        status = Path("/proc/self/status")
+        for line in status.read_text().splitlines() if status.exists() else []:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def close(self, name: str | None) -> None:
+        if name:
+            self.peaks[name] = max(self.peaks.get(name, 0), self.high_water())
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            return
+        release_free_heap()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:  # no reset here: each phase then reads as the peak so far, which still bounds the run
+            pass
+
+    @contextmanager
+    def phase(self, name: str):
+        self.close(self.open[-1])
+        self.open[0] = None  # the moments between phases (a log line, a gc) are no phase of their own
+        self.open.append(name)
+        try:
+            yield
+        finally:
+            self.close(self.open.pop())
+
+    def summary(self) -> dict:
+        if len(self.open) > 1:
+            self.close(self.open[-1])
+        return {"measured": "peak resident memory" if self.device == "cpu" else "peak allocated CUDA memory",
+                "peak_bytes": max(self.peaks.values()), "phases": dict(self.peaks)}
+
+    def describe(self) -> str:
+        found = self.summary()
+        phases = ", ".join(f"{name} {n / GiB:.2f}" for name, n in found["phases"].items())
+        return f"memory ({found['measured']}, GiB): {phases}; whole run {found['peak_bytes'] / GiB:.2f}"
+
+
 # =====================================================================================================================
 # Appendix D. Output-folder safety: one run per folder, nothing half-written, checkpoints that can really be resumed.
 # =====================================================================================================================
@@ -2609,6 +2692,16 @@ def cuda_available() -> bool:
 # =====================================================================================================================
 
 FAST_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def release_free_heap() -> None:
+    """glibc's malloc_trim: free heap pages go back to the system whatever the trim threshold (a no-op elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def maybe_reexec_with_fast_allocator() -> None:
