@@ -67,6 +67,7 @@ SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "
                      "inverse_sqrt"]
 GGUF_TYPES = Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 EMBEDDED_MODEL = "models/SmolLM2-135M-Instruct"
+SECOND_MODEL = "models/gemma-3-270m"  # Gemma 3 270M base (262k vocabulary), prepared by setup.sh for tests and benches
 FIELD_KEYS = ("prompt_field", "completion_field", "messages_field", "dataset_text_field")
 
 
@@ -174,6 +175,8 @@ class Config(BaseModel):
         "Recompute activations in backward to save memory; auto turns it on only when the estimate does not fit."))
     gradient_checkpointing_kwargs: dict[str, Any] = Field({"use_reentrant": False}, description=(
         "Keyword arguments for torch.utils.checkpoint."))
+    max_memory: str | None = Field(None, description=(
+        "Memory budget like 8GiB: batch size, checkpointing and scoring batches are fitted to it, or the run refuses."))
 
     # evaluation, logging, checkpoints
     eval_strategy: Literal["steps", "epoch", "no"] = Field("steps", description=(
@@ -238,6 +241,13 @@ class Config(BaseModel):
     @classmethod
     def _yaml_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, value):
+        if value is not None and size_bytes(value) is None:
+            raise ValueError(f"cannot read {value!r} as a size; write it like 8GiB, 16GB or 512MiB")
+        return value
 
     @field_validator("dataset_name", "test_dataset", mode="before")
     @classmethod
@@ -423,12 +433,17 @@ class Plan:
     fused_loss: bool  # LM head + cross-entropy fused, run only where a token is trained (heads without bias/scaling)
     gradient_checkpointing: bool
     world_size: int
+    batch_size: int  # as configured, unless max_memory needs smaller batches (with more accumulation)
+    gradient_accumulation_steps: int
+    scoring_memory: int  # bytes a scoring batch may hold in KV cache and logits: sizes its rows whatever the vocabulary
 
     def describe(self) -> str:
         batches = "padding-free" if self.padding_free else "padded"
-        return (f"plan: {self.method} on {self.device} in {self.precision}; {self.prompt_format} prompts; {batches} "
-                f"batches, {self.attention} attention; {'fused' if self.fused_loss else 'plain'} loss; gradient "
-                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}; {self.world_size} process(es)")
+        return (f"plan: {self.method} on {self.device} in {self.precision}; {self.prompt_format} prompts; batch "
+                f"{self.batch_size} x {self.gradient_accumulation_steps} accumulation, {batches}, {self.attention} "
+                f"attention; {'fused' if self.fused_loss else 'plain'} loss; gradient checkpointing "
+                f"{'on' if self.gradient_checkpointing else 'off'}; scoring batches up to "
+                f"{self.scoring_memory // 2**20} MiB; {self.world_size} process(es)")
 
 
 def make_plan(cfg: Config, tokenizer, model_config, device: str | None = None, memory: int | None = None) -> Plan:
@@ -453,9 +468,39 @@ def make_plan(cfg: Config, tokenizer, model_config, device: str | None = None, m
         limit = memory or available_memory(device)
         needed = estimate_memory(cfg, model_config, precision, False, device)["total"]
         checkpointing = bool(limit) and needed > 0.9 * limit
-    return Plan(device=device, precision=precision, method=training_method(cfg), prompt_format=prompt_format,
+    plan = Plan(device=device, precision=precision, method=training_method(cfg), prompt_format=prompt_format,
                 attention=attention, padding_free=attention != "sdpa", fused_loss=fused_head_ok(skeleton),
-                gradient_checkpointing=checkpointing, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+                gradient_checkpointing=checkpointing, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                scoring_memory=SCORING_MEMORY)
+    return fitted_to_budget(cfg, model_config, plan) if cfg.max_memory else plan
+
+
+SCORING_MEMORY = 512 * 2**20  # a 64-row batch of 128-token prompts for Gemma's 262k vocabulary; less under max_memory
+
+
+def fitted_to_budget(cfg: Config, model_config, plan: Plan) -> Plan:
+    """max_memory: the plan with the first settings whose whole-run estimate fits, cheapest change first (a smaller
+    scoring budget, checkpointing unless the config turns it off, smaller batches with more accumulation), or a
+    one-line refusal with the estimate of the leanest settings and what to change."""
+    budget = size_bytes(cfg.max_memory)
+    effective = cfg.batch_size * cfg.gradient_accumulation_steps  # kept: it is what the learning rate suits
+    scoring = max(32 * 2**20, min(SCORING_MEMORY, budget // 16))
+    checkpointing = [plan.gradient_checkpointing] if cfg.gradient_checkpointing is not True else [True]
+    if cfg.gradient_checkpointing == "auto" and not plan.gradient_checkpointing:
+        checkpointing.append(True)
+    for recompute in checkpointing:
+        for batch in (b for b in range(cfg.batch_size, 0, -1) if effective % b == 0):
+            trial = dataclasses.replace(plan, gradient_checkpointing=recompute, batch_size=batch,
+                                        gradient_accumulation_steps=effective // batch, scoring_memory=scoring)
+            needed = estimate_phases(cfg.model_copy(update={"batch_size": batch}), model_config, trial)["whole run"]
+            if needed <= budget:
+                return trial
+    raise UserError(f"max_memory={cfg.max_memory}: the run needs about {gib(needed)} even with batch_size=1 x "
+                    f"{effective} accumulation{' and gradient checkpointing' if recompute else ''}, "
+                    f"{gib(needed - budget)} over the budget; raise max_memory, lower seq_length"
+                    f"{', set load_in_4bit: true' if cfg.use_peft and not cfg.load_in_4bit else ''} or pick a smaller "
+                    f"model (python finetune.py --estimate {cfg.max_memory} lists what fits)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,7 +532,7 @@ def prepared_run(cfg: Config, hold_lock: bool):
         if cfg.use_peft and cfg.peft_target_modules != "all-linear":  # named targets may be missing; all-linear fits
             add_lora(model_skeleton(cfg, model_config), cfg, plan)  # any model, and this check costs a second
         data = load_data(cfg, plan, tokenizer)
-        steps = planned_steps(cfg, len(data.train), plan.world_size)
+        steps = planned_steps(cfg, plan, len(data.train))
         args = make_training_args(cfg, plan, steps, data.validation is not None)
         yield Prepared(plan, tokenizer, data, resolve_checkpoint(cfg), steps, args)
 
@@ -1308,7 +1353,9 @@ def fused_linear_cross_entropy():
                 grad_h[s:s + chunk] = (zc @ w).float()
                 if grad_w is not None:
                     grad_w += (zc.t() @ h).float()
-            ctx.save_for_backward(grad_h / denom if training else None, grad_w / denom if grad_w is not None else None)
+            # Scaled in place: a trainable head's gradient is vocabulary-sized (168M values for Gemma 3 270M).
+            ctx.save_for_backward(grad_h.div_(denom) if training else None,
+                                  grad_w.div_(denom) if grad_w is not None else None)
             ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
             ctx.mark_non_differentiable(correct)
             return loss / denom, correct
@@ -1316,8 +1363,8 @@ def fused_linear_cross_entropy():
         @staticmethod
         def backward(ctx, grad_loss, _grad_correct):
             grad_h, grad_w = ctx.saved_tensors
-            gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-            return (grad_h * grad_loss).to(ctx.hidden_dtype), gw, None, None, None, None, None
+            gw = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+            return grad_h.mul_(grad_loss).to(ctx.hidden_dtype), gw, None, None, None, None, None
 
     return FusedLinearCrossEntropy
 
@@ -1483,12 +1530,12 @@ def stop_on_signal_class():
     return StopOnSignal
 
 
-def planned_steps(cfg: Config, examples: int, world_size: int) -> int:
+def planned_steps(cfg: Config, plan: Plan, examples: int) -> int:
     """Optimizer steps of the run, counted as the Trainer counts them."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    batches = math.ceil(examples / (cfg.batch_size * world_size))
-    return max(1, math.ceil(cfg.num_train_epochs * math.ceil(batches / cfg.gradient_accumulation_steps)))
+    batches = math.ceil(examples / (plan.batch_size * plan.world_size))
+    return max(1, math.ceil(cfg.num_train_epochs * math.ceil(batches / plan.gradient_accumulation_steps)))
 
 
 def make_training_args(cfg: Config, plan: Plan, steps: int, has_eval: bool):
@@ -1499,8 +1546,8 @@ def make_training_args(cfg: Config, plan: Plan, steps: int, has_eval: bool):
     best = bool(cfg.early_stopping_patience or cfg.load_best_model_at_end) and has_eval
     return SFTConfig(
         output_dir=cfg.output_dir, run_name=cfg.run_name or Path(cfg.output_dir).name, report_to=report,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=plan.batch_size, per_device_eval_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a warmup_steps below 1 as a fraction of the steps
         weight_decay=cfg.weight_decay, optim=cfg.optim, max_grad_norm=cfg.max_grad_norm,
@@ -1590,17 +1637,20 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                     tokens_per_batch: int = 8192) -> tuple[list[str], int]:
+                     memory: int = SCORING_MEMORY) -> tuple[list[str], int]:
     """(greedy answers to tokenized prompts, tokens generated). Each decoding step reads every weight once however many
-    rows it serves, so rows are batched up to a token budget (the 60 demo prompts go in one batch; long prompts of a
-    big model in several); prompts of similar length go together, and each row stops at EOS or end-of-turn."""
+    rows it serves, so rows are batched up to `memory` bytes of KV cache and logits (the 60 demo prompts go in one
+    batch; long prompts or a big vocabulary in several); prompts of similar length go together, and each row stops
+    at EOS or end-of-turn. Prefill keeps only the last position's logits, never [rows x tokens x vocabulary]."""
     import torch
 
     device = next(model.parameters()).device
     half = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
     stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batch_size = max(1, min(64, tokens_per_batch // (max(map(len, prompts), default=1) + max_new_tokens)))
+    row = scoring_row_bytes(model.config, max(map(len, prompts), default=1) + max_new_tokens,
+                            "fp32" if half is None else "bf16")
+    batch_size = max(1, min(64, memory // row))
     answers, generated = [""] * len(prompts), 0
     model.eval()
     # At prefill the LM head gets a strided slice (logits_to_keep=1), and torch 2.13's CPU bf16 matmul of a strided
@@ -1662,7 +1712,8 @@ def score_generation(model, tokenizer, pairs: list[TestPair], cfg: Config, plan:
           f"each; eval_max_examples={cfg.eval_max_examples}) ...", flush=True)
     started = time.perf_counter()
     with adapter_merged(model):
-        answers, generated = generate_answers(model, tokenizer, [p.ids for p in pairs], cfg.eval_max_new_tokens)
+        answers, generated = generate_answers(model, tokenizer, [p.ids for p in pairs], cfg.eval_max_new_tokens,
+                                              plan.scoring_memory)
     seconds = time.perf_counter() - started
     print(f"  scored in {seconds:.1f} s: {generated} tokens generated, {generated / max(seconds, 1e-9):.0f} tokens/s")
     scores = score_answers(answers, [p.reference for p in pairs])
@@ -1853,8 +1904,8 @@ Fine-tuned from `{cfg.model_name}` on {datasets} with {plan.method} by finetune.
 
 ## Training
 - method: {plan.method}{lora}
-- learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}, warmup {cfg.warmup_ratio}), batch {cfg.batch_size} x \
-{cfg.gradient_accumulation_steps} accumulation, {summary.get('steps')} steps, seed {cfg.seed}
+- learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}, warmup {cfg.warmup_ratio}), batch {plan.batch_size} x \
+{plan.gradient_accumulation_steps} accumulation, {summary.get('steps')} steps, seed {cfg.seed}
 - {plan.prompt_format} prompts, prompt loss weight {cfg.prompt_loss_weight}, seq_length {cfg.seq_length}, \
 {plan.precision} on {plan.device}
 - final training loss {summary.get('train_loss')}, validation loss {summary.get('eval_loss')}{best}
@@ -2020,11 +2071,11 @@ def generate_run(cfg: Config, folder: Path, prompts: list[str], compare: bool) -
     plan, tokenizer = run_plan(cfg, folder)
     model = load_finetuned(cfg, plan, folder)
     ids = [prompt_ids(tokenizer, p, cfg, plan) for p in prompts]
-    tuned, _ = generate_answers(model, tokenizer, ids, cfg.eval_max_new_tokens)
+    tuned, _ = generate_answers(model, tokenizer, ids, cfg.eval_max_new_tokens, plan.scoring_memory)
     base = [None] * len(prompts)
     if compare:
         with base_model(cfg, plan, model) as reference:
-            base, _ = generate_answers(reference, tokenizer, ids, cfg.eval_max_new_tokens)
+            base, _ = generate_answers(reference, tokenizer, ids, cfg.eval_max_new_tokens, plan.scoring_memory)
     results = [{"prompt": p, "fine_tuned": t, "base": b} for p, t, b in zip(prompts, tuned, base)]
     for r in results:
         print(f"### prompt\n{r['prompt']}")
@@ -2320,27 +2371,50 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, 
               "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
+def size_bytes(text: str) -> int | None:
+    """Bytes in a size like 8GiB, 16GB or 512MiB; None when it is not one."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]) if match and match.group(
+        2).lower() in SIZE_UNITS else None
+
+
 def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in SIZE_UNITS:
+    found = size_bytes(text)
+    if found is None:
         raise UserError(f"--estimate: cannot read the budget {text!r}; write it like 24GiB, 16GB or 512MiB")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+    return found
+
+
+class Shape(NamedTuple):
+    """A Llama-like decoder's sizes, read from its config."""
+    hidden: int
+    layers: int
+    vocab: int
+    inter: int
+    q: int  # query width: heads x head_dim (Gemma's head_dim is not hidden / heads)
+    kv: int  # key (or value) width: kv heads x head_dim
+    linear: int  # parameters of every layer's linear projections
+    embed: int  # parameters of the embedding and (untied) LM head
+
+
+def model_shape(c) -> Shape:
+    hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    inter = getattr(c, "intermediate_size", None) or 4 * hidden
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    q, kv = heads * head_dim, (getattr(c, "num_key_value_heads", None) or heads) * head_dim
+    linear = (2 * hidden * q + 2 * hidden * kv + 3 * hidden * inter) * layers
+    embed = vocab * hidden * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    return Shape(hidden, layers, vocab, inter, q, kv, linear, embed)
 
 
 def estimate_memory(cfg: Config, model_config, precision: str, gradient_checkpointing: bool,
                     device: str = "cpu") -> dict[str, int]:
     """Expected peak bytes of a training run, by component, for a Llama-like decoder, from its config alone, in the
     precision the run will really compute in (the plan's, not the literal key: fp32 on CPUs without bf16 units)."""
-    c = model_config
-    hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
-    inter = getattr(c, "intermediate_size", None) or 4 * hidden
-    heads = c.num_attention_heads
-    kv = (getattr(c, "num_key_value_heads", None) or heads) * (getattr(c, "head_dim", None) or hidden // heads)
+    hidden, layers, vocab, inter, q, kv, linear, embed = model_shape(model_config)
     names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter),
-              (inter, hidden)]
-    linear = sum(i * o for i, o in shapes) * layers
-    embed = vocab * hidden * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    shapes = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
     quantized = cfg.load_in_4bit or cfg.load_in_8bit
     half = 4 if precision == "fp32" else 2  # bytes per value of the base weights and activations
     if cfg.load_in_4bit:  # 4 bits per weight plus the block constants: 32-bit per 64 weights, or 8-bit when doubled
@@ -2376,15 +2450,59 @@ def estimate_memory(cfg: Config, model_config, precision: str, gradient_checkpoi
         activations = tokens * layers * per_token_layer
     chunk_rows = min(tokens, 2**25 // vocab)  # the fused loss's row chunk (fused_linear_cross_entropy)
     loss = chunk_rows * vocab * 4 * 3 + tokens * hidden * 4  # fp32 logit chunk, its softmax/grad, the hidden grad
-    # Python + torch + transformers + trl as imported (RSS measured on CPU) / the CUDA context.
-    runtime = int(1.2 * GiB) if device == "cpu" else GiB // 2
+    if not cfg.use_peft:  # a trained head's fp32 gradient, formed in the forward, beside the one autograd accumulates
+        loss += 2 * vocab * hidden * 4
+    if device == "cpu" and half == 2:  # measured, not counted above: 16-bit runs on CPU hold about two more copies
+        loss += 2 * vocab * hidden * 2  # of the head (the fused loss multiplies by W and by W^T; oneDNN packs each)
     # LoRA parameters are fp32 beside the base (value + gradient); a full fine-tune's are the weights (gradient only)
     parts = {"weights": weights, "trainable parameters + gradients": trainable * (8 if cfg.use_peft else 4),
              "optimizer states": trainable * state_bytes,
-             "activations": activations, "loss (LM head chunks)": loss, "runtime": runtime}
+             "activations": activations, "loss (LM head chunks)": loss, "runtime": runtime_bytes(model_config, device),
+             "trainer (autograd, accelerate, allocator slack)": TRAINER_OVERHEAD if device == "cpu" else 0}
     parts = {k: int(v) for k, v in parts.items()}
     parts["total"] = sum(parts.values())
     return parts
+
+
+TRAINER_OVERHEAD = int(0.4 * GiB)  # fitted to the CPU peaks that tests/test_estimate.py measures
+SCORING_OVERHEAD = int(0.25 * GiB)
+
+
+def runtime_bytes(model_config, device: str) -> int:
+    """Python, torch, transformers and trl as imported, and the tokenizer's vocabulary tables (resident memory, measured
+    on CPU); on CUDA, the context."""
+    return int(0.3 * GiB) + 700 * model_config.vocab_size if device == "cpu" else GiB // 2
+
+
+def scoring_row_bytes(model_config, tokens: int, precision: str) -> int:
+    """What one row of a scoring batch holds: its KV cache over `tokens` positions, and three fp32 copies of its
+    next-token logits (the head's output, the processed scores, argmax's input): the vocabulary-sized term."""
+    shape = model_shape(model_config)
+    return 2 * shape.layers * shape.kv * tokens * (4 if precision == "fp32" else 2) + 3 * shape.vocab * 4
+
+
+def estimate_phases(cfg: Config, model_config, plan: Plan) -> dict[str, int]:
+    """Expected peak bytes of each phase of a run and of the whole run (the largest): loading, scoring, training (as
+    estimate_memory counts it), merging and exporting, each with the terms that grow with the vocabulary."""
+    train = estimate_memory(cfg, model_config, plan.precision, plan.gradient_checkpointing, plan.device)
+    shape = model_shape(model_config)
+    params = shape.linear + shape.embed
+    resident = train["runtime"] + train["weights"] + train["trainable parameters + gradients"] // 2
+    converted = str(getattr(model_config, "dtype", "")).endswith(("bfloat16", "float16")) and (
+        plan.precision == "fp32" or not cfg.use_peft)  # 16-bit files loaded as fp32 pass through a second fp32 copy
+    rows = min(64, cfg.eval_max_examples)  # prompts are assumed short: scoring's batch is sized for the real ones
+    scoring = min(plan.scoring_memory, rows * scoring_row_bytes(model_config, 128 + cfg.eval_max_new_tokens,
+                                                                 plan.precision))
+    # generate()'s own: the prefill's activations, its caches and processors (fitted like TRAINER_OVERHEAD)
+    scoring += SCORING_OVERHEAD if plan.device == "cpu" else 0
+    phases = {"load": resident + (params * 4 if converted else 0),
+              "scoring": resident + train["optimizer states"] + scoring, "training": train["total"]}
+    if cfg.merge_adapter and cfg.use_peft or cfg.export_gguf:  # the base again in fp32, the update added, then stored
+        phases["merge"] = train["runtime"] + params * (4 + 2)  # in 16 bits
+    if cfg.export_gguf:  # the writer holds every converted tensor until the file is written
+        phases["export"] = phases["merge"] + params * 2
+    phases["whole run"] = max(phases.values())
+    return phases
 
 
 def gib(n: int) -> str:

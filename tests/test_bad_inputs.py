@@ -185,6 +185,12 @@ CONTRADICTIONS = {
 for _id, (_changes, _culprit) in CONTRADICTIONS.items():
     add(f"contradiction-{_id}", lambda c, ch=_changes, cu=_culprit: Bad(c.run(**ch), cu))
 
+# A memory budget: unreadable, or too small for the leanest settings (says by how much and what to change).
+add("max-memory-unreadable", lambda c: Bad(c.run(max_memory="lots"), r"max_memory: .*'lots'.*8GiB"))
+add("max-memory-too-small", lambda c: Bad(c.run(max_memory="300MiB"),
+                                          r"max_memory=300MiB: the run needs about [0-9.]+ GiB even with batch_size=1 "
+                                          r"x \d+ accumulation.*[0-9.]+ GiB over the budget; raise max_memory"))
+
 
 # --- every numeric key, from the schema: a string in the config file, each bound broken on the command line ---------
 

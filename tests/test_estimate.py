@@ -1,58 +1,31 @@
-"""The memory estimate: against peaks measured here (LoRA, QLoRA, full, with and without checkpointing) in the
-precision this CPU really trains in, against the figures seed 001 publishes for Llama 2, and as a CLI."""
-
-import json
-import os
-import subprocess
-import sys
+"""The memory estimate: against the measured peak of whole runs here (both real models, fp32 and bf16, LoRA, QLoRA,
+full, with and without checkpointing), against the figures seed 001 publishes for Llama 2, and as a CLI."""
 
 import pytest
 
+import bench_memory
 import finetune
-from helpers import ROOT, write_jsonl
-
-MEASURE = """
-import json, resource, sys
-sys.path.insert(0, {root!r})
-import finetune
-cfg = finetune.load_config(None, json.loads(sys.argv[1]))
-with finetune.prepared_run(cfg, hold_lock=True) as run:
-    finetune.make_trainer(cfg, run, finetune.build_model(cfg, run.plan)).train()
-    print("PLAN", json.dumps([run.plan.precision, run.plan.gradient_checkpointing]))
-print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-"""
 
 
 @pytest.fixture(scope="module")
-def long_text(tmp_path_factory):
-    """Rows longer than seq_length, so every batch holds batch_size x seq_length tokens: the estimate's worst case."""
-    words = "the model learns to answer questions about data and code with short precise sentences".split()
-    rows = [{"text": " ".join(words[(i + j) % len(words)] for j in range(600))} for i in range(32)]
-    return write_jsonl(tmp_path_factory.mktemp("long") / "long.jsonl", rows)
+def memory_data(tmp_path_factory):
+    return bench_memory.write_data(tmp_path_factory.mktemp("memory-data"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
-    ["gradient_checkpointing=false"],
-    ["gradient_checkpointing=true"],
-    ["load_in_4bit=true", "gradient_checkpointing=false"],
-    ["use_peft=false", "gradient_checkpointing=false"],
-], ids=["lora", "lora-checkpointing", "qlora-4bit", "full"])
-def test_estimate_is_within_25_percent_of_the_measured_peak(embedded_model, long_text, tmp_path, overrides):
-    # Two steps: the optimizer's states appear at the first step, so only the second holds them and activations at once.
-    settings = [f"model_name={embedded_model}", f"dataset_name={long_text}", "validation_split=0", "eval_strategy=no",
-                "save_strategy=no", "eval_before=false", "max_steps=2", "batch_size=8", "seq_length=256",
-                f"output_dir={tmp_path / 'run'}", *overrides]
-    result = subprocess.run([sys.executable, "-c", MEASURE.format(root=str(ROOT)), json.dumps(settings)],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "GLIBC_TUNABLES": finetune.FAST_ALLOCATOR})  # as a training run gets it
-    assert result.returncode == 0, result.stderr[-2000:]
-    measured = int(result.stdout.split("PEAK")[-1])
-    precision, checkpointing = json.loads(result.stdout.split("PLAN")[-1].splitlines()[0])
-    cfg = finetune.load_config(None, settings)
-    estimate = finetune.estimate_memory(cfg, finetune.load_model_config(cfg), precision, checkpointing)["total"]
-    assert 0.75 <= estimate / measured <= 1.25, (f"{precision}: estimate {estimate / 2**30:.2f} GiB, "
-                                                 f"measured {measured / 2**30:.2f} GiB")
+@pytest.mark.parametrize("method", list(bench_memory.METHODS))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # both on every CPU: bf16 runs (slowly) where it is emulated
+@pytest.mark.parametrize("model", list(bench_memory.MODELS))
+def test_estimate_is_within_25_percent_of_the_measured_peak_of_the_whole_run(model, precision, method, memory_data,
+                                                                             tmp_path):
+    # A whole run, as a user starts it: load, base scoring, two steps (the optimizer's states appear at the first, so
+    # only the second holds them and activations at once), an evaluation, fine-tuned scoring, save.
+    values = bench_memory.settings(bench_memory.MODELS[model], precision, method, memory_data, tmp_path / "run",
+                                   batch_size=2, seq_length=128)
+    found = bench_memory.measure(values, tmp_path)
+    estimate, measured = found["estimate"]["whole run"], found["measured"]
+    assert 0.75 <= estimate / measured <= 1.25, (f"estimate {estimate / 2**30:.2f} GiB, measured "
+                                                 f"{measured / 2**30:.2f} GiB: {found}")
 
 
 def llama2(size: str):

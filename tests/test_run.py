@@ -26,7 +26,33 @@ def test_the_plan_is_made_once_and_recorded(finished_run):
     plan = json.loads((out / "eval.json").read_text())["plan"]
     assert plan == {"device": "cpu", "precision": "fp32", "method": "LoRA", "prompt_format": "chat",
                     "attention": "varlen_sdpa", "padding_free": True, "fused_loss": True,
-                    "gradient_checkpointing": False, "world_size": 1}
+                    "gradient_checkpointing": False, "world_size": 1, "batch_size": 4, "gradient_accumulation_steps": 1,
+                    "scoring_memory": finetune.SCORING_MEMORY}
+
+
+def test_each_phase_records_its_peak_memory_and_the_whole_run_is_the_largest(finished_run):
+    cfg, out = finished_run
+    memory = json.loads((out / "eval.json").read_text())["memory"]
+    assert list(memory["phases"]) == ["load", "base scoring", "training", "evaluation", "fine-tuned scoring", "save"]
+    assert memory["peak_bytes"] == max(memory["phases"].values())
+    assert all(100 * 2**20 < peak < 16 * 2**30 for peak in memory["phases"].values()), memory
+
+
+def test_max_memory_trades_batch_size_for_accumulation_to_fit(make_cfg, embedded_model):
+    settings = dict(model_name=str(embedded_model), batch_size=8, seq_length=1024, gradient_checkpointing=False)
+    cfg = make_cfg(**settings)
+    model_config = finetune.load_model_config(cfg)
+    unlimited = finetune.estimate_phases(cfg, model_config, plan_for(cfg))["whole run"]
+    budget = int(unlimited * 0.7)
+    fitted = make_cfg(**settings, max_memory=f"{budget}B")
+    plan = plan_for(fitted)
+    assert plan.batch_size < 8 and plan.batch_size * plan.gradient_accumulation_steps == 8
+    assert not plan.gradient_checkpointing  # the config turned it off: the budget does not turn it back on
+    smaller = fitted.model_copy(update={"batch_size": plan.batch_size})
+    assert finetune.estimate_phases(smaller, model_config, plan)["whole run"] <= budget
+    args = finetune.make_training_args(fitted, plan, 10, has_eval=False)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (plan.batch_size,
+                                                                                   plan.gradient_accumulation_steps)
 
 
 @pytest.fixture
