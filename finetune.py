@@ -153,6 +153,11 @@ class Config(BaseModel):
         "What to do with examples longer than seq_length: truncate (keep the start) or drop; the count is reported."))
     prompt_loss_weight: float = Field(0.0, ge=0, le=1, description=(
         "Weight of prompt tokens in the loss relative to completion tokens (0 = completion only, 1 = all alike)."))
+    dataset_num_proc: int | None = Field(None, ge=1, description=(
+        "Processes that tokenize the data (null = every core, for datasets of a few thousand rows or more)."))
+    streaming: bool = Field(False, description=(
+        "Read and tokenize the data on the fly, for datasets too big for the disk cache: needs max_steps; the first "
+        "eval_max_examples rows of each dataset are held out for validation when validation_split > 0."))
 
     # training
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate of the optimizer.")
@@ -281,6 +286,8 @@ class Config(BaseModel):
              "resume_from_checkpoint and overwrite_output_dir contradict each other: pick one"),
             (self.fsdp and bool(self.deepspeed), "fsdp and deepspeed are both set: pick one"),
             (self.peft_target_modules == [], "peft_target_modules is empty: use all-linear or name at least one"),
+            (self.streaming and self.max_steps <= 0,
+             "streaming has no row count to plan epochs from: set max_steps > 0, or streaming: false"),
         ]
         for refused, message in refusals:
             if refused:
@@ -532,7 +539,7 @@ def prepared_run(cfg: Config, hold_lock: bool):
         if cfg.use_peft and cfg.peft_target_modules != "all-linear":  # named targets may be missing; all-linear fits
             add_lora(model_skeleton(cfg, model_config), cfg, plan)  # any model, and this check costs a second
         data = load_data(cfg, plan, tokenizer)
-        steps = planned_steps(cfg, plan, len(data.train))
+        steps = planned_steps(cfg, plan, data.examples)
         args = make_training_args(cfg, plan, steps, data.validation is not None)
         yield Prepared(plan, tokenizer, data, resolve_checkpoint(cfg), steps, args)
 
@@ -630,47 +637,63 @@ class Data:
     train: Any  # tokenized and mixed
     validation: Any  # tokenized, from every source; or None
     test_pairs: list[TestPair]
-    lengths: list[list[int]]  # token lengths of each source's training rows, before any cut
+    lengths: list[Any]  # numpy arrays: token lengths of each source's training rows, before any cut
     shares: list[float]  # each source's share of the training mix
     seq_length: int
 
+    @property
+    def streamed(self) -> bool:
+        return not self.lengths  # a stream's lengths are known only as it trains
+
+    @property
+    def examples(self) -> int | None:
+        """Training examples per epoch; None when streamed (max_steps then bounds the run)."""
+        return None if self.streamed else len(self.train)
+
     def describe(self) -> dict:
-        return {s.entry.name: {"format": s.format, "train_rows": len(s.train), "share": round(share, 4)}
-                for s, share in zip(self.sources, self.shares)}
+        return {s.entry.name: {"format": s.format, "train_rows": None if self.streamed else len(s.train),
+                               "share": round(share, 4)} for s, share in zip(self.sources, self.shares)}
 
     def report(self) -> list[str]:
-        lines = []
-        for source, lengths, share in zip(self.sources, self.lengths, self.shares):
-            lines.append(f"dataset {source.where}: {source.format} rows, {len(source.train)} train + "
+        lines, streamed = [], "streamed: rows and lengths not counted"
+        for i, (source, share) in enumerate(zip(self.sources, self.shares)):
+            train = "?" if self.streamed else len(source.train)
+            lengths = streamed if self.streamed else length_summary(self.lengths[i], self.seq_length)
+            lines.append(f"dataset {source.where}: {source.format} rows, {train} train + "
                          f"{len(source.validation) if source.validation is not None else 0} validation; "
-                         f"{length_summary(lengths, self.seq_length)}; {share:.0%} of the training mix")
-        lines.append(f"total: {len(self.train)} training examples per epoch, "
+                         f"{lengths}; {share:.0%} of the training mix")
+        lines.append(f"total: {self.examples or '?'} training examples per epoch, "
                      f"{len(self.validation) if self.validation is not None else 0} validation; "
-                     f"{length_summary([n for ls in self.lengths for n in ls], self.seq_length)}")
+                     f"{streamed if self.streamed else length_summary(self.lengths, self.seq_length)}")
         return lines
 
 
-def length_summary(lengths: list[int], seq_length: int) -> str:
-    ordered = sorted(lengths)
-    long = sum(n > seq_length for n in ordered)
+def length_summary(lengths, seq_length: int) -> str:
+    """Statistics of one array of lengths or of several together, in numpy: a million rows would be a million ints."""
+    import numpy as np
+
+    ordered = np.sort(np.concatenate(lengths) if isinstance(lengths, list) else lengths)
     return (f"tokens per example: min {ordered[0]}, median {ordered[len(ordered) // 2]}, max {ordered[-1]}; "
-            f"{long} longer than seq_length={seq_length}")
+            f"{np.count_nonzero(ordered > seq_length)} longer than seq_length={seq_length}")
 
 
 def load_data(cfg: Config, plan: Plan, tokenizer) -> Data:
     sources = load_sources(cfg)
     train_sets, lengths, validation_sets = [], [], []
     for source in sources:
-        tokenized, too_long = tokenize_rows(source.train, source, tokenizer, cfg, plan)
-        if too_long:
-            print(f"dataset {source.where}: {too_long} training examples are longer than seq_length={cfg.seq_length}: "
-                  f"{cfg.long_examples}d")
-        train_sets.append(tokenized)
-        lengths.append(list(tokenized["length"]))
+        if cfg.streaming:
+            train_sets.append(streamed_tokens(source.train, source, tokenizer, cfg, plan))
+        else:
+            tokenized, too_long = tokenize_rows(source.train, source, tokenizer, cfg, plan)
+            if too_long:
+                print(f"dataset {source.where}: {too_long} training examples are longer than seq_length="
+                      f"{cfg.seq_length}: {cfg.long_examples}d")
+            train_sets.append(tokenized)
+            lengths.append(tokenized.select_columns("length").with_format("numpy")[:]["length"])
         if source.validation is not None:
             validation_sets.append(tokenize_rows(source.validation, source, tokenizer, cfg, plan)[0])
     weights = [s.entry.weight for s in sources] if sources[0].entry.weight is not None else None
-    sizes = [len(t) for t in train_sets]
+    sizes = [1] * len(train_sets) if cfg.streaming else [len(t) for t in train_sets]  # streams are taken in turn
     shares = [w / sum(weights) for w in weights] if weights else [n / sum(sizes) for n in sizes]
     import datasets
 
@@ -703,14 +726,19 @@ def named_entries(entries: list[DatasetEntry], key: str) -> list[tuple[DatasetEn
 
 def load_sources(cfg: Config) -> list[Source]:
     """Each training dataset read and checked, its format found, its rows split into training and validation."""
+    import numpy as np
+
     entries = dataset_entries(cfg.dataset_name, cfg)
     if not entries:
         raise UserError("dataset_name is not set: name your training data (a .jsonl file, a folder of files or a Hub "
                         "dataset id) in the config or as dataset_name=PATH")
     sources = []
     for entry, where in named_entries(entries, "dataset_name"):
+        if cfg.streaming:
+            sources.append(streamed_source(entry, cfg, where))
+            continue
         rows = read_rows(entry, cfg, where)
-        rows = rows.add_column(ROW, list(range(1, len(rows) + 1)))
+        rows = rows.add_column(ROW, np.arange(1, len(rows) + 1), new_fingerprint=f"{rows._fingerprint}-numbered")
         fmt = row_format(rows.column_names, entry, where)
         if cfg.validation_split == 0:
             sources.append(Source(entry, where, fmt, rows, None))
@@ -719,9 +747,33 @@ def load_sources(cfg: Config) -> list[Source]:
         if n_val >= len(rows):
             raise UserError(f"dataset {where} has {len(rows)} rows: too few to hold out validation_split="
                             f"{cfg.validation_split}; add rows or set validation_split: 0")
-        split = rows.train_test_split(test_size=n_val, seed=cfg.seed)
-        sources.append(Source(entry, where, fmt, split["train"], split["test"]))
+        # train_test_split's draw, each part then put back in file order: a tokenizing worker's share of the rows is
+        # then one stretch of the memory-mapped file, not pages from all over it.
+        order = np.random.default_rng(cfg.seed).permutation(len(rows))
+        train, held = (rows.select(np.sort(part), new_fingerprint=f"{rows._fingerprint}-{cfg.seed}-{n_val}-{name}")
+                       for part, name in ((order[n_val:], "train"), (order[:n_val], "validation")))
+        sources.append(Source(entry, where, fmt, train, held))
     return sources
+
+
+def streamed_source(entry: DatasetEntry, cfg: Config, where: str) -> Source:
+    """A dataset read as it trains, its rows numbered on the way; with validation_split > 0 its first
+    eval_max_examples rows, held in memory, are the validation rows (a stream has no length to take a fraction of)."""
+    import datasets
+
+    rows = read_rows(entry, cfg, where, streaming=True).map(
+        lambda batch, indices: {ROW: [i + 1 for i in indices]}, batched=True, with_indices=True)
+    first = next(iter(rows), None)
+    if first is None:
+        raise UserError(f"dataset {where} is empty: no rows")
+    fmt = row_format(list(first), entry, where)
+    if cfg.validation_split == 0:
+        return Source(entry, where, fmt, rows, None)
+    held = list(rows.take(cfg.eval_max_examples))
+    if next(iter(rows.skip(len(held))), None) is None:
+        raise UserError(f"dataset {where} has {len(held)} rows: too few to hold out eval_max_examples="
+                        f"{cfg.eval_max_examples} for validation when streaming; add rows or set validation_split: 0")
+    return Source(entry, where, fmt, rows.skip(len(held)), datasets.Dataset.from_list(held))
 
 
 def local_data_files(name: str, where: str) -> list[Path] | None:
@@ -779,8 +831,8 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...]) -> None:
         raise UserError(f"dataset file {path} is empty: no rows")
 
 
-def read_rows(entry: DatasetEntry, cfg: Config, where: str):
-    """One datasets.Dataset of an entry's raw rows, from a local path or the Hub."""
+def read_rows(entry: DatasetEntry, cfg: Config, where: str, streaming: bool = False):
+    """One datasets.Dataset of an entry's raw rows, from a local path or the Hub (an IterableDataset if streaming)."""
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
@@ -789,7 +841,8 @@ def read_rows(entry: DatasetEntry, cfg: Config, where: str):
     files = local_data_files(entry.name, where)
     if files is None:
         try:
-            rows = datasets.load_dataset(entry.name, entry.config, split=entry.split, token=hub_token(cfg))
+            rows = datasets.load_dataset(entry.name, entry.config, split=entry.split, token=hub_token(cfg),
+                                         streaming=streaming)
         except (OSError, ValueError, ConnectionError) as e:  # offline, private, misspelled id or split
             raise UserError(f"dataset {where}: cannot load it from the Hub ({first_line(e)}); check the id, split, "
                             f"network and HF_TOKEN") from None
@@ -802,14 +855,14 @@ def read_rows(entry: DatasetEntry, cfg: Config, where: str):
                 check_json_lines(file, text_fields)
         try:
             rows = datasets.load_dataset(DATA_BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
-                                         split="train")
+                                         split="train", streaming=streaming)
         except (DatasetGenerationError, OSError, ValueError) as e:
             message = first_line(e.__cause__ or e)  # datasets wraps the parser's own reason ("Expected 2 fields")
             if "corresponds to no data" in message:
                 raise UserError(f"dataset {where} is empty: no rows") from None
             kind = {"json": "JSON", "csv": "CSV", "parquet": "Parquet"}[DATA_BUILDERS[files[0].suffix]]
             raise UserError(f"dataset {where}: cannot read it as {kind} ({message})") from None
-    if len(rows) == 0:
+    if not streaming and len(rows) == 0:  # a stream is found empty when it is read
         raise UserError(f"dataset {where} is empty: no rows")
     return rows
 
@@ -869,9 +922,13 @@ def prompt_ids(tokenizer, prompt: str | list[dict], cfg: Config, plan: Plan) -> 
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own special tokens
 
 
-def chat_example(tokenizer, messages: list[dict], weight_other: float, number: int, where: str) -> tuple[list, list]:
-    """(ids, weights) of a conversation in the chat template: 1 on each assistant reply and the end-of-turn that
-    closes it, weight_other on everything else."""
+def chat_examples(tokenizer, conversations: list[list[dict]], weight_other: float, numbers: list[int],
+                  where: str) -> list[tuple[list[int], Any]]:
+    """(ids, weights) of each conversation in the chat template: 1 on each assistant reply and the end-of-turn that
+    closes it, weight_other on everything else. One tokenizer call for them all and numpy for the weights: one call
+    per row and a Python loop per token were most of the time of a big dataset."""
+    import numpy as np
+
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"dataset {where}: chat messages need a tokenizer with a chat template; this model has none "
                         f"(use prompt/completion rows)")
@@ -879,64 +936,131 @@ def chat_example(tokenizer, messages: list[dict], weight_other: float, number: i
     def render(msgs, generation_prompt=False):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
-    spans = [(len(render(messages[:i], True)), len(render(messages[:i + 1])))
-             for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not spans:
-        raise UserError(f"dataset {where}: row {number}: no assistant message to learn from")
-    enc = tokenizer(render(messages), add_special_tokens=False, return_offsets_mapping=True)
-    weights = [1.0 if any(s <= start < e for s, e in spans) else weight_other for start, _ in enc["offset_mapping"]]
-    return enc["input_ids"], weights
+    replies = []
+    for messages, number in zip(conversations, numbers):
+        spans = [(len(render(messages[:i], True)), len(render(messages[:i + 1])))
+                 for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not spans:
+            raise UserError(f"dataset {where}: row {number}: no assistant message to learn from")
+        replies.append(np.array(spans).T)
+    enc = tokenizer([render(m) for m in conversations], add_special_tokens=False, return_offsets_mapping=True)
+    examples = []
+    for ids, offsets, (starts, ends) in zip(enc["input_ids"], enc["offset_mapping"], replies):
+        token_starts = np.array(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+        reply = np.searchsorted(starts, token_starts, side="right") - 1  # the last reply that starts at or before
+        examples.append((ids, np.where((reply >= 0) & (token_starts < ends[reply]), 1.0, weight_other)))
+    return examples
 
 
-def tokenize_row(row: dict, number: int, tokenizer, source: Source, cfg: Config, plan: Plan) -> dict:
-    """input_ids and the loss weight of each token: 1 for what the model should learn to write, prompt_loss_weight for
-    the prompt. Raw prompt and completion are tokenized apart, as generation from the raw prompt will see them."""
+def conversation(row: dict, source: Source) -> list[dict]:
+    """A row as chat messages: its own, or its prompt as the user's turn and its completion as the reply."""
+    entry, number, where = source.entry, row[ROW], source.where
+    if source.format == "messages":
+        return checked_messages(row.get(entry.messages_field), number, where)
+    return [{"role": "user", "content": field_text(row, entry.prompt_field, number, where)},
+            {"role": "assistant", "content": field_text(row, entry.completion_field, number, where).strip()}]
+
+
+def tokenized_batch(batch: dict, tokenizer, source: Source, cfg: Config, plan: Plan) -> dict:
+    """A batch of rows as input_ids and the loss weight of each token (1 for what the model should learn to write,
+    prompt_loss_weight for the prompt), cut to seq_length; `length` is the length before the cut and `trainable` says
+    whether a token after the first is trained within it. Raw prompt and completion are tokenized apart, as
+    generation from the raw prompt will see them."""
+    import numpy as np
+
     entry, where, plw = source.entry, source.where, cfg.prompt_loss_weight
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     eos = [tokenizer.eos_token_id]
     if source.format == "text":
-        ids = tokenizer(field_text(row, entry.dataset_text_field, number, where))["input_ids"] + eos
-        weights = [1.0] * len(ids)
-    elif source.format == "messages":
-        messages = checked_messages(row.get(entry.messages_field), number, where)
-        ids, weights = chat_example(tokenizer, with_system_prompt(messages, cfg), plw, number, where)
-    elif plan.prompt_format == "chat":
-        prompt = field_text(row, entry.prompt_field, number, where)
-        completion = field_text(row, entry.completion_field, number, where).strip()
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        ids, weights = chat_example(tokenizer, with_system_prompt(messages, cfg), plw, number, where)
+        texts = [field_text(row, entry.dataset_text_field, row[ROW], where) for row in rows]
+        examples = [(ids + eos, [1.0] * (len(ids) + 1)) for ids in tokenizer(texts)["input_ids"]]
+    elif source.format == "messages" or plan.prompt_format == "chat":
+        conversations = [with_system_prompt(conversation(row, source), cfg) for row in rows]
+        examples = chat_examples(tokenizer, conversations, plw, batch[ROW], where)
     else:
-        prompt = prompt_ids(tokenizer, field_text(row, entry.prompt_field, number, where), cfg, plan)
-        completion = tokenizer(field_text(row, entry.completion_field, number, where),
-                               add_special_tokens=False)["input_ids"] + eos
-        ids, weights = prompt + completion, [plw] * len(prompt) + [1.0] * len(completion)
-    return {"input_ids": ids, "loss_weights": weights, "length": len(ids)}
+        pairs = [(field_text(row, entry.prompt_field, row[ROW], where),
+                  field_text(row, entry.completion_field, row[ROW], where)) for row in rows]
+        prompts = tokenizer([prompt for prompt, _ in pairs])["input_ids"]
+        completions = tokenizer([completion for _, completion in pairs], add_special_tokens=False)["input_ids"]
+        examples = [(p + c + eos, [plw] * len(p) + [1.0] * (len(c) + 1)) for p, c in zip(prompts, completions)]
+    cut = cfg.seq_length
+    weights = [np.asarray(w, dtype=np.float32)[:cut] for _, w in examples]
+    return {"input_ids": [ids[:cut] for ids, _ in examples], "loss_weights": weights,
+            "length": [len(ids) for ids, _ in examples], "trainable": [w[1:].any() for w in weights]}
+
+
+def tokenized_features():
+    """32-bit ids and weights: half the disk and write time of Python's 64-bit ints and floats, and the collator
+    makes float32 weights anyway."""
+    from datasets import Features, List, Value
+
+    return Features({"input_ids": List(Value("int32")), "loss_weights": List(Value("float32")),
+                     "length": Value("int32"), "trainable": Value("bool")})
+
+
+def token_cache_key(rows, source: Source, tokenizer, cfg: Config, plan: Plan) -> str:
+    """What names a dataset's tokens in the datasets cache: its rows and every setting that changes their tokens, and
+    nothing else, so that a run with another output_dir or learning rate reuses them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    settings = cfg.model_dump_json(include={"system_prompt", "seq_length", "long_examples", "prompt_loss_weight"})
+    identity = [rows._fingerprint, settings, source.entry.model_dump_json(), source.format, plan.prompt_format,
+                tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id,
+                getattr(tokenizer, "chat_template", None), backend.to_str() if backend else None]
+    return hashlib.sha256("|".join(map(str, identity)).encode()).hexdigest()[:24]
+
+
+ROWS_PER_WORKER = 2000  # below this, starting a tokenizing process costs more than it saves
+
+
+def worker_count(cfg: Config, rows: int) -> int | None:
+    """Processes that tokenize `rows` rows (None = this one): dataset_num_proc, else every core this rank may use once
+    each has ROWS_PER_WORKER rows."""
+    if cfg.dataset_num_proc is not None:
+        workers = min(cfg.dataset_num_proc, rows)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), rows // ROWS_PER_WORKER)
+    if workers <= 1:
+        return None
+    # Each worker is a core's worth: the fast tokenizer's own threads would only compete with them, and it warns when
+    # a process forks after using them.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return workers
 
 
 def tokenize_rows(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
     """Tokenized rows, cut to seq_length (or dropped, per long_examples); returns (dataset, number of long rows)."""
-    # Explicit fingerprints: datasets would otherwise try to pickle the config inside each lambda to name the cache.
-    key = hashlib.sha256(f"{rows._fingerprint}|{cfg.model_dump_json()}|{source.entry.model_dump_json()}|"
-                         f"{source.format}|{plan.prompt_format}|{tokenizer.name_or_path}|{len(tokenizer)}|"
-                         f"{getattr(tokenizer, 'chat_template', None)}".encode()).hexdigest()[:24]
-    tokenized = rows.map(lambda row: tokenize_row(row, row[ROW], tokenizer, source, cfg, plan),
-                         remove_columns=rows.column_names, new_fingerprint=f"{key}-tokenize")
-    too_long = sum(n > cfg.seq_length for n in tokenized["length"])  # `length` stays the length before any cut
-    cut = cfg.seq_length
-    if too_long and cfg.long_examples == "drop":
-        tokenized = tokenized.filter(lambda n: n <= cut, input_columns="length", new_fingerprint=f"{key}-drop")
-    elif too_long:
-        tokenized = tokenized.map(lambda r: {name: r[name][:cut] for name in ("input_ids", "loss_weights")},
-                                  new_fingerprint=f"{key}-truncate")
-    before = len(tokenized)
-    tokenized = tokenized.filter(lambda w: max(w[1:], default=0) > 0, input_columns="loss_weights",
-                                 new_fingerprint=f"{key}-trainable")
-    if len(tokenized) < before:
-        print(f"dataset {source.where}: {before - len(tokenized)} examples had no token to learn from within "
+    import numpy as np
+
+    key = token_cache_key(rows, source, tokenizer, cfg, plan)
+    # Explicit fingerprints: datasets would otherwise try to hash the tokenizer and config to name the cache.
+    tokenized = rows.map(tokenized_batch, fn_kwargs=dict(tokenizer=tokenizer, source=source, cfg=cfg, plan=plan),
+                         batched=True, batch_size=100, writer_batch_size=100, features=tokenized_features(),
+                         remove_columns=rows.column_names, num_proc=worker_count(cfg, len(rows)),
+                         new_fingerprint=f"{key}-tokenize")
+    found = tokenized.select_columns(["length", "trainable"]).with_format("numpy")[:]
+    long = found["length"] > cfg.seq_length
+    dropped = long if cfg.long_examples == "drop" else np.zeros_like(long)
+    untrainable = ~found["trainable"] & ~dropped
+    if untrainable.any():
+        print(f"dataset {source.where}: {untrainable.sum()} examples had no token to learn from within "
               f"seq_length={cfg.seq_length} and were dropped")
-    if len(tokenized) == 0:
+    if (dropped | untrainable).all():
         raise UserError(f"dataset {source.where}: no example left with a token to learn from (check seq_length, "
                         f"long_examples and the fields)")
-    return tokenized, too_long
+    if (dropped | untrainable).any():
+        tokenized = tokenized.select(np.flatnonzero(~(dropped | untrainable)), new_fingerprint=f"{key}-kept")
+    return tokenized.remove_columns("trainable"), int(long.sum())
+
+
+def streamed_tokens(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
+    """tokenize_rows for a stream: tokenized as training reads it, the same examples kept, nothing counted."""
+    drop = cfg.long_examples == "drop"
+    tokenized = rows.map(tokenized_batch, fn_kwargs=dict(tokenizer=tokenizer, source=source, cfg=cfg, plan=plan),
+                         batched=True, batch_size=100, features=tokenized_features())
+    kept = tokenized.select_columns(list(tokenized_features())).filter(
+        lambda n, trainable: trainable and not (drop and n > cfg.seq_length), input_columns=["length", "trainable"])
+    return kept.remove_columns("trainable")
 
 
 def mix_by_weight(sets: list, weights: list[float] | None, seed: int):
@@ -945,6 +1069,9 @@ def mix_by_weight(sets: list, weights: list[float] | None, seed: int):
     The mix depends on the seed alone, so a resumed run sees the same data in the same order."""
     import datasets
 
+    if isinstance(sets[0], datasets.IterableDataset):  # streams: taken in turn, or drawn by weight, until all end
+        probabilities = [w / sum(weights) for w in weights] if weights else None
+        return datasets.interleave_datasets(sets, probabilities, seed, stopping_strategy="all_exhausted")
     if weights is None or len(sets) == 1:
         return datasets.concatenate_datasets(sets) if len(sets) > 1 else sets[0]
     total, rng, parts = sum(len(s) for s in sets), random.Random(seed), []
@@ -959,7 +1086,7 @@ def mix_by_weight(sets: list, weights: list[float] | None, seed: int):
 
 def load_test_pairs(cfg: Config, plan: Plan, tokenizer, sources: list[Source]) -> list[TestPair]:
     """The rows scored by generation: test_dataset, else the validation rows; taken in turn from each dataset, at most
-    eval_max_examples of them. Plain-text rows have no answer to score."""
+    eval_max_examples of them, and only those tokenized. Plain-text rows have no answer to score."""
     if cfg.test_dataset:
         tests = []
         for entry, where in named_entries(dataset_entries(cfg.test_dataset, cfg, test=True), "test_dataset"):
@@ -967,10 +1094,11 @@ def load_test_pairs(cfg: Config, plan: Plan, tokenizer, sources: list[Source]) -
             tests.append((rows, row_format(rows.column_names, entry, where), entry, where))
     else:
         tests = [(s.validation, s.format, s.entry, s.where) for s in sources if s.validation is not None]
-    per_source = [[test_pair(row, number, fmt, entry, where, tokenizer, cfg, plan)
-                   for number, row in enumerate(rows, 1)] for rows, fmt, entry, where in tests if fmt != "text"]
-    interleaved = [pair for turn in zip_longest_skip(per_source) for pair in turn]
-    return interleaved[:cfg.eval_max_examples]
+    limit = cfg.eval_max_examples
+    per_source = [[(test, i) for i in range(min(len(test[0]), limit))] for test in tests if test[1] != "text"]
+    chosen = [pick for turn in zip_longest_skip(per_source) for pick in turn][:limit]
+    return [test_pair(rows[i], i + 1, fmt, entry, where, tokenizer, cfg, plan)
+            for (rows, fmt, entry, where), i in chosen]
 
 
 def zip_longest_skip(lists: list[list]) -> list[list]:
@@ -1577,7 +1705,7 @@ def make_trainer(cfg: Config, run: Prepared, model, memory: MemoryLog | None = N
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
     trainable, total = count_parameters(model)
     print(f"model {cfg.model_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
-          f"{len(data.train)} training examples, {run.steps} steps")
+          f"{data.examples or 'streamed'} training examples, {run.steps} steps")
     return fine_tuner_class()(
         model=model, args=run.args, train_dataset=data.train.remove_columns("length"),
         eval_dataset=data.validation.remove_columns("length") if data.validation is not None else None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import finetune
-from helpers import DEMO_TRAIN, chat, plan_for, write_jsonl
+from helpers import DEMO_TRAIN, assert_one_line_error, chat, logged, plan_for, write_config, write_jsonl
 
 DEMO = [json.loads(line) for line in DEMO_TRAIN.read_text().splitlines()[:6]]  # real prompt/completion rows
 
@@ -371,3 +371,52 @@ def test_validation_rows_of_every_dataset_are_scored_in_turn_up_to_eval_max_exam
     cfg = make_cfg(dataset_name=[str(first), str(second)], validation_split=0.25, eval_max_examples=7)
     found = pairs(cfg, tokenizer, finetune.load_sources(cfg))
     assert [p.source for p in found] == [str(first), str(second)] * 3 + [str(first)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Big datasets: tokens cached by what changes them, several processes, streaming
+# ---------------------------------------------------------------------------------------------------------------------
+
+def token_files(cfg, tokenizer) -> dict[str, int]:
+    """The cache files of cfg's tokenized training rows: path -> modification time (ns)."""
+    files = [f["filename"] for f in load(cfg, tokenizer).train.cache_files]
+    return {f: Path(f).stat().st_mtime_ns for f in files}
+
+
+def test_a_new_output_dir_or_learning_rate_reuses_the_cached_tokens(make_cfg, tmp_path, tokenizer):
+    first = token_files(make_cfg(validation_split=0), tokenizer)
+    again = token_files(make_cfg(validation_split=0, output_dir=str(tmp_path / "other"), learning_rate=0.1), tokenizer)
+    shorter = token_files(make_cfg(validation_split=0, seq_length=64), tokenizer)
+    assert first and again == first  # the same files, not written again
+    assert not set(shorter) & set(first)
+
+
+@pytest.mark.parametrize("prompt_format", ["raw", "chat"])
+def test_several_processes_tokenize_exactly_as_one(make_cfg, tokenizer, prompt_format):
+    one, _ = tokenized(make_cfg(dataset_num_proc=1, prompt_format=prompt_format, prompt_loss_weight=0.1), tokenizer)
+    two, _ = tokenized(make_cfg(dataset_num_proc=2, prompt_format=prompt_format, prompt_loss_weight=0.1), tokenizer)
+    assert two == one
+
+
+def test_a_bad_row_in_a_worker_is_the_same_one_line_error(tmp_path, pc_rows, make_cfg, tokenizer):
+    rows = [chat(("user", r["prompt"]), ("assistant", r["completion"])) for r in pc_rows[:40]]
+    rows[37] = chat(("user", "no reply"))
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(finetune.UserError) as refused:
+        tokenized(make_cfg(dataset_name=str(path), dataset_num_proc=2), tokenizer)
+    assert str(refused.value) == f"dataset {path}: row 38: no assistant message to learn from"
+
+
+def test_streaming_without_max_steps_is_refused_before_anything_is_written(tmp_path, tiny_model, pc_file, cli):
+    config = write_config(tmp_path / "c.yml", model_name=str(tiny_model), dataset_name=str(pc_file),
+                          output_dir=str(tmp_path / "out"), streaming=True)
+    done = cli("--config", config)
+    assert_one_line_error(done.returncode, done.stdout, done.stderr, r"streaming.*max_steps")
+    assert not (tmp_path / "out").exists()
+
+
+def test_streaming_trains_and_evaluates_on_the_first_rows_held_out(make_cfg, pc_rows, capsys):
+    out = finetune.run_training(make_cfg(streaming=True, max_steps=2, validation_split=0.1, eval_max_examples=4,
+                                         eval_strategy="steps", eval_steps=1))
+    assert "streamed training examples, 2 steps" in capsys.readouterr().out
+    assert [row["step"] for row in logged(out) if "eval_loss" in row] == [1, 2]

@@ -66,8 +66,9 @@ def test_completion_only_loss_equals_trls(make_cfg, pc_file):
                                         report_to="none", use_cpu=True, per_device_train_batch_size=4))
         trl_batch = trl.data_collator([trl.train_dataset[i] for i in range(4)])
         (source,) = run.data.sources
-        ours = finetune.collate([finetune.tokenize_row(r, i, run.tokenizer, source, cfg, run.plan)
-                                 for i, r in enumerate(raw)], run.tokenizer.pad_token_id, padding_free=False)
+        rows = Dataset.from_list(raw).add_column(finetune.ROW, [1, 2, 3, 4])
+        examples, _ = finetune.tokenize_rows(rows, source, run.tokenizer, cfg, run.plan)
+        ours = finetune.collate(examples.to_list(), run.tokenizer.pad_token_id, padding_free=False)
         assert torch.equal(trl_batch["input_ids"], ours["input_ids"])
         assert trl.compute_loss(trainer.model, trl_batch).item() == pytest.approx(
             trainer.compute_loss(trainer.model, ours).item(), rel=1e-5)
