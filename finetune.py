@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -549,9 +550,8 @@ def run_training(cfg: Config) -> Path:
     root of output_dir, then the merge, GGUF export and push the config asks for."""
     started = time.time()
     main_process = is_main_process()
-    with prepared_run(cfg, hold_lock=main_process) as run:
+    with prepared_run(cfg, hold_lock=main_process) as run, MemoryLog(run.plan.device) as memory:
         print(run.plan.describe())
-        memory = MemoryLog(run.plan.device)
         model = build_model(cfg, run.plan)
         if main_process:
             clear_output_dir(cfg)  # only now: a run refused for bad input leaves the earlier one whole
@@ -2648,7 +2648,9 @@ def settings_that_fit(cfg: Config, model_config, plan: Plan, budget: int) -> lis
                 change = {**base, "gradient_checkpointing": checkpointing, "batch_size": batch,
                           "gradient_accumulation_steps": effective // batch}
                 trial = cfg.model_copy(update=change)
-                total = estimate_memory(trial, model_config, plan.precision, checkpointing, plan.device)["total"]
+                trial_plan = dataclasses.replace(plan, gradient_checkpointing=checkpointing, batch_size=batch,
+                                                 gradient_accumulation_steps=effective // batch)
+                total = estimate_phases(trial, model_config, trial_plan)["whole run"]
                 if total <= budget:
                     found.append(" ".join(f"{k}={str(v).lower()}" for k, v in change.items()) + f"  (~{gib(total)})")
                     break
@@ -2661,14 +2663,20 @@ def estimate_run(cfg: Config, budget: str | None, device: str | None = None) -> 
     model_config = load_model_config(cfg)
     limit = parse_size(budget) if budget else None
     plan = make_plan(cfg, None, model_config, device=device, memory=limit)
-    parts = estimate_memory(cfg, model_config, plan.precision, plan.gradient_checkpointing, plan.device)
-    print(f"memory estimate: {cfg.model_name}, {plan.method}, batch {cfg.batch_size} x {cfg.seq_length} tokens, "
+    parts = estimate_memory(cfg.model_copy(update={"batch_size": plan.batch_size}), model_config, plan.precision,
+                            plan.gradient_checkpointing, plan.device)
+    phases = estimate_phases(cfg.model_copy(update={"batch_size": plan.batch_size}), model_config, plan)
+    print(f"memory estimate: {cfg.model_name}, {plan.method}, batch {plan.batch_size} x {cfg.seq_length} tokens, "
           f"{plan.precision}, gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
           f"on {plan.device}")
+    print("  training, by component:")
     for name, value in parts.items():
-        print(f"  {name:<36}{gib(value):>12}")
+        print(f"    {name:<50}{gib(value):>12}")
+    print("  peak of each phase:")
+    for name, value in phases.items():
+        print(f"    {name:<50}{gib(value):>12}")
     if limit:
-        print(f"budget {gib(limit)}: the configured run {'fits' if parts['total'] <= limit else 'does not fit'}")
+        print(f"budget {gib(limit)}: the configured run {'fits' if phases['whole run'] <= limit else 'does not fit'}")
         options = settings_that_fit(cfg, model_config, plan, limit)
         print("settings that fit:" if options else "nothing fits: use a smaller model or a shorter seq_length")
         for option in options:
@@ -2676,20 +2684,43 @@ def estimate_run(cfg: Config, budget: str | None, device: str | None = None) -> 
 
 
 class MemoryLog:
-    """The peak memory of each phase of a run, measured: resident memory on CPU (Linux's high-water mark, reset at each
-    phase through /proc/self/clear_refs), allocated memory on CUDA. Phases nest (evaluation inside training); `load`
-    runs from the start of the process to the first phase. Each phase ends by handing the C heap's free pages back
-    to the system: the allocator settings that speed up training (FAST_ALLOCATOR) would otherwise keep every
-    phase's transient memory resident for the rest of the run."""
+    """The peak memory of each phase of a run, measured while the block runs: on CPU, resident memory sampled every
+    5 ms by a thread for each phase, and the kernel's exact high-water mark for the whole process (left as it is, so
+    that /usr/bin/time and other tools still read the true peak); on CUDA, allocated memory. Phases nest (evaluation
+    inside training); `load` runs from the start of the process to the first phase. Each phase ends by handing the C
+    heap's free pages back to the system: the allocator settings that speed up training (FAST_ALLOCATOR) would
+    otherwise keep every phase's transient memory resident for the rest of the run."""
 
     def __init__(self, device: str):
         self.device, self.peaks, self.open = device, {}, ["load"]
+        self.highest = self.whole_run()  # of the open phase so far: `load` has run since the process started
+        self.done = threading.Event()
 
-    def high_water(self) -> int:
+    def __enter__(self) -> MemoryLog:
+        if self.device == "cpu":
+            threading.Thread(target=self.sample, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+
+    def sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.highest = max(self.highest, self.resident())
+
+    def resident(self) -> int:
         if self.device == "cuda":
             import torch
 
             return torch.cuda.max_memory_allocated()
+        statm = Path("/proc/self/statm")
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.exists() else self.whole_run()
+
+    def whole_run(self) -> int:
+        """The process's peak so far (the kernel counts resident pages per thread in batches: a sample taken between
+        two of its updates can read a few hundred KB above it)."""
+        if self.device == "cuda":
+            return max([*self.peaks.values(), self.resident()])
         status = Path("/proc/self/status")
         for line in status.read_text().splitlines() if status.exists() else []:
             if line.startswith("VmHWM:"):
@@ -2700,17 +2731,14 @@ class MemoryLog:
 
     def close(self, name: str | None) -> None:
         if name:
-            self.peaks[name] = max(self.peaks.get(name, 0), self.high_water())
+            self.peaks[name] = max(self.peaks.get(name, 0), self.highest, self.resident())
         if self.device == "cuda":
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-            return
-        release_free_heap()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:  # no reset here: each phase then reads as the peak so far, which still bounds the run
-            pass
+        else:
+            release_free_heap()
+        self.highest = self.resident()
 
     @contextmanager
     def phase(self, name: str):
@@ -2726,7 +2754,7 @@ class MemoryLog:
         if len(self.open) > 1:
             self.close(self.open[-1])
         return {"measured": "peak resident memory" if self.device == "cpu" else "peak allocated CUDA memory",
-                "peak_bytes": max(self.peaks.values()), "phases": dict(self.peaks)}
+                "peak_bytes": max(self.whole_run(), *self.peaks.values()), "phases": dict(self.peaks)}
 
     def describe(self) -> str:
         found = self.summary()

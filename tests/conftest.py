@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import finetune
-from helpers import DEMO_TEST, DEMO_TRAIN, EMBEDDED, FAST, run_cli, write_jsonl
+from helpers import DEMO_TEST, DEMO_TRAIN, EMBEDDED, FAST, ROOT, run_cli, write_jsonl
 
 
 def pytest_configure(config):
@@ -25,6 +25,14 @@ def embedded_model() -> Path:
     if not (EMBEDDED / "model.safetensors").exists():
         pytest.fail(f"{EMBEDDED} is missing: run ./setup.sh first")
     return EMBEDDED
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    path = ROOT / finetune.SECOND_MODEL
+    if not (path / "model.safetensors").exists():
+        pytest.fail(f"{path} is missing: run ./setup.sh first")
+    return path
 
 
 def tiny_llama(out: Path, tokenizer_dir: Path, **changes) -> Path:

@@ -30,11 +30,11 @@ def test_the_plan_is_made_once_and_recorded(finished_run):
                     "scoring_memory": finetune.SCORING_MEMORY}
 
 
-def test_each_phase_records_its_peak_memory_and_the_whole_run_is_the_largest(finished_run):
+def test_each_phase_records_its_peak_memory_and_the_whole_run_its_own(finished_run):
     cfg, out = finished_run
     memory = json.loads((out / "eval.json").read_text())["memory"]
     assert list(memory["phases"]) == ["load", "base scoring", "training", "evaluation", "fine-tuned scoring", "save"]
-    assert memory["peak_bytes"] == max(memory["phases"].values())
+    assert memory["peak_bytes"] >= max(memory["phases"].values())
     assert all(100 * 2**20 < peak < 16 * 2**30 for peak in memory["phases"].values()), memory
 
 
