@@ -494,10 +494,8 @@ def fitted_to_budget(cfg: Config, model_config, plan: Plan) -> Plan:
     budget = size_bytes(cfg.max_memory)
     effective = cfg.batch_size * cfg.gradient_accumulation_steps  # kept: it is what the learning rate suits
     scoring = max(32 * 2**20, min(SCORING_MEMORY, budget // 16))
-    checkpointing = [plan.gradient_checkpointing] if cfg.gradient_checkpointing is not True else [True]
-    if cfg.gradient_checkpointing == "auto" and not plan.gradient_checkpointing:
-        checkpointing.append(True)
-    for recompute in checkpointing:
+    unless_off = [True] if cfg.gradient_checkpointing == "auto" and not plan.gradient_checkpointing else []
+    for recompute in [plan.gradient_checkpointing, *unless_off]:
         for batch in (b for b in range(cfg.batch_size, 0, -1) if effective % b == 0):
             trial = dataclasses.replace(plan, gradient_checkpointing=recompute, batch_size=batch,
                                         gradient_accumulation_steps=effective // batch, scoring_memory=scoring)
@@ -574,8 +572,10 @@ def run_training(cfg: Config) -> Path:
         with memory.phase("save"):
             out = write_final(trainer.model, run.tokenizer, cfg, run.plan, {**summary, "memory": memory.summary()})
         print(f"saved to {out} in {time.time() - started:.0f} s")
-        del trainer, model  # merge and export load the result again: the training model, its gradients and optimizer
-        gc.collect()  # states would only add to their peak
+        # Merge and export load the result again: the training model, its gradients and optimizer states would only
+        # add to their peak.
+        del trainer, model
+        gc.collect()
         if cfg.merge_adapter and cfg.use_peft:
             with memory.phase("merge"):
                 print(f"merged model saved to {merge_run(cfg, out)}")
