@@ -534,6 +534,8 @@ def prepared_run(cfg: Config, hold_lock: bool):
         tokenizer = load_tokenizer(cfg)
         model_config = load_model_config(cfg)
         check_model_files(cfg)
+        if cfg.export_gguf:
+            check_exportable(cfg, model_config, "export_gguf")
         plan = make_plan(cfg, tokenizer, model_config)
         if cfg.use_peft and cfg.peft_target_modules != "all-linear":  # named targets may be missing; all-linear fits
             add_lora(model_skeleton(cfg, model_config), cfg, plan)  # any model, and this check costs a second
@@ -2275,11 +2277,8 @@ def export_run(cfg: Config, folder: Path, gguf_type: str) -> Path:
     import errno
 
     started = time.perf_counter()
+    check_exportable(cfg, load_model_config(cfg), "export")
     model, tokenizer = merged_model(cfg, folder)
-    architecture = (model.config.architectures or ["?"])[0]
-    if architecture not in GGUF_ARCHITECTURES:
-        raise UserError(f"export: {architecture} models cannot be exported to GGUF; supported: "
-                        f"{', '.join(GGUF_ARCHITECTURES)}")
     out = folder / "gguf" / f"{folder.resolve().name}-{gguf_type}.gguf"
     steps = json.loads((folder / "eval.json").read_text()).get("steps")
     datasets = ", ".join(e.name for e in dataset_entries(cfg.dataset_name, cfg))
@@ -2305,6 +2304,16 @@ def export_run(cfg: Config, folder: Path, gguf_type: str) -> Path:
     print(f"exported {out} ({out.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - started:.0f} s); for "
           f"Ollama: ollama create {out.stem} -f {modelfile}")
     return out
+
+
+def check_exportable(cfg: Config, model_config, key: str) -> None:
+    """A model the GGUF writer cannot convert is refused by `export`, and by a run with export_gguf before its first
+    step rather than after its last."""
+    architecture = (getattr(model_config, "architectures", None) or ["?"])[0]
+    if architecture not in GGUF_ARCHITECTURES:
+        raise UserError(f"{key}: {cfg.model_name} is a {architecture}, which cannot be exported to GGUF yet; "
+                        f"supported: {', '.join(GGUF_ARCHITECTURES)}" + ("; set export_gguf: null" if key ==
+                                                                         "export_gguf" else ""))
 
 
 def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, gguf_type: str, name: str, description: str):

@@ -5,9 +5,9 @@ LoRA, LoRA + gradient checkpointing, QLoRA (4-bit) and full fine-tunes.
 
 Each run is `python finetune.py` in a fresh child process, as a user runs it (its allocator settings included): two
 steps of batch_size x seq_length tokens of long rows (every batch full), an evaluation, the base and fine-tuned models
-scored on 20 test prompts. Measured: the peak resident memory of each phase that the run writes to eval.json (the
-kernel's high-water mark, reset at each phase), whose largest is the peak of the whole process. tests/test_estimate.py runs the same measurement. The CPU
-kind is printed: only same-run ratios compare across machines. A benchmark, not a test.
+scored on 20 test prompts. Measured: what the run writes to eval.json, the peak of each phase (sampled) and of the
+whole process (the kernel's high-water mark). tests/test_estimate.py runs the same measurement. The CPU kind is
+printed: only same-run ratios compare across machines. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ def settings(model: Path, precision: str, method: str, data: tuple[Path, Path], 
 
 
 def measure(values: dict, folder: Path) -> dict:
-    """Run finetune.py on these config values: {estimate: phases, measured: peak bytes, phases: measured phases}.
-    The child's own ru_maxrss would not do: the per-phase reset clears it too."""
+    """Run finetune.py on these config values: {estimate: phases, measured: peak bytes, phases: measured phases}."""
     config = folder / "config.yml"
     config.write_text(json.dumps(values))  # JSON is YAML
     child = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--config", str(config)], cwd=folder,

@@ -5,7 +5,8 @@
 Nothing of finetune.py's scoring is used: the base model and the adapter are loaded with transformers and PEFT as
 their documentation shows, each test prompt (the run's own test_dataset, prompt/completion rows, raw prompts) is
 answered alone by plain `generate` in fp32 (no batching, no padding; the adapter merged by PEFT's merge_and_unload),
-and exact match is counted here. Prints both exact-match figures and the rows where the two answers differ. A check, not a test.
+and exact match is counted here. Prints both exact-match figures and the rows where the two answers differ. A check,
+not a test.
 """
 
 from __future__ import annotations

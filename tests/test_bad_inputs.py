@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 import finetune
-from helpers import (ONE_STEP, assert_one_line_error, chat, numeric_fields, offline, out_of_range_values, run_cli,
+from helpers import (ONE_STEP, ROOT, assert_one_line_error, chat, numeric_fields, offline, out_of_range_values, run_cli,
                      run_main, snapshot, write_jsonl)
 
 BIG = 20_000  # lines in the "large file" cases: the bad row sits in the middle, far from where a reader would look
@@ -184,6 +184,12 @@ CONTRADICTIONS = {
 }
 for _id, (_changes, _culprit) in CONTRADICTIONS.items():
     add(f"contradiction-{_id}", lambda c, ch=_changes, cu=_culprit: Bad(c.run(**ch), cu))
+
+# An export the GGUF writer cannot make is refused before training, not after it.
+add("export-gguf-of-an-unsupported-architecture",
+    lambda c: Bad(c.run(model_name=str(ROOT / finetune.SECOND_MODEL), export_gguf="q8_0"),
+                  r"export_gguf: .*gemma-3-270m is a Gemma3ForCausalLM, which cannot be exported to GGUF yet; "
+                  r"supported: LlamaForCausalLM.*set export_gguf: null"))
 
 # A memory budget: unreadable, or too small for the leanest settings (says by how much and what to change).
 add("max-memory-unreadable", lambda c: Bad(c.run(max_memory="lots"), r"max_memory: .*'lots'.*8GiB"))
