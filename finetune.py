@@ -2624,7 +2624,9 @@ def estimate_phases(cfg: Config, model_config, plan: Plan) -> dict[str, int]:
     train = estimate_memory(cfg, model_config, plan.precision, plan.gradient_checkpointing, plan.device)
     shape = model_shape(model_config)
     params = shape.linear + shape.embed
-    resident = train["runtime"] + train["weights"] + train["trainable parameters + gradients"] // 2
+    # After training, LoRA's fp32 parameters stay (their gradients are gone); a full fine-tune's are the weights.
+    resident = train["runtime"] + train["weights"] + (train["trainable parameters + gradients"] // 2 if cfg.use_peft
+                                                      else 0)
     converted = str(getattr(model_config, "dtype", "")).endswith(("bfloat16", "float16")) and (
         plan.precision == "fp32" or not cfg.use_peft)  # 16-bit files loaded as fp32 pass through a second fp32 copy
     rows = min(64, cfg.eval_max_examples)  # prompts are assumed short: scoring's batch is sized for the real ones
