@@ -489,14 +489,15 @@ SCORING_MEMORY = 512 * 2**20  # a 64-row batch of 128-token prompts for Gemma's 
 
 def fitted_to_budget(cfg: Config, model_config, plan: Plan) -> Plan:
     """max_memory: the plan with the first settings whose whole-run estimate fits, cheapest change first (a smaller
-    scoring budget, checkpointing unless the config turns it off, smaller batches with more accumulation), or a
-    one-line refusal with the estimate of the leanest settings and what to change."""
+    scoring budget; then at each batch size from the configured one down, with the same effective batch, without and
+    then with checkpointing unless the config turns it off), or a one-line refusal with the estimate of the leanest
+    settings and what to change."""
     budget = size_bytes(cfg.max_memory)
     effective = cfg.batch_size * cfg.gradient_accumulation_steps  # kept: it is what the learning rate suits
     scoring = max(32 * 2**20, min(SCORING_MEMORY, budget // 16))
     unless_off = [True] if cfg.gradient_checkpointing == "auto" and not plan.gradient_checkpointing else []
-    for recompute in [plan.gradient_checkpointing, *unless_off]:
-        for batch in (b for b in range(cfg.batch_size, 0, -1) if effective % b == 0):
+    for batch in (b for b in range(cfg.batch_size, 0, -1) if effective % b == 0):
+        for recompute in [plan.gradient_checkpointing, *unless_off]:
             trial = dataclasses.replace(plan, gradient_checkpointing=recompute, batch_size=batch,
                                         gradient_accumulation_steps=effective // batch, scoring_memory=scoring)
             needed = estimate_phases(cfg.model_copy(update={"batch_size": batch}), model_config, trial)["whole run"]
@@ -2792,6 +2793,7 @@ def output_dir_lock(output_dir: str, hold: bool = True):
     if not hold and not (out / ".lock").is_file():
         yield
         return
+    created = hold and not out.exists()
     if hold:
         out.mkdir(parents=True, exist_ok=True)
     with (out / ".lock").open("a+") as handle:
@@ -2810,7 +2812,12 @@ def output_dir_lock(output_dir: str, hold: bool = True):
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
         handle.flush()
-        yield
+        try:
+            yield
+        except UserError:  # refused before its first step: a folder this run made holds only the lock, and goes
+            if created and [p.name for p in out.iterdir()] == [".lock"]:
+                shutil.rmtree(out)
+            raise
 
 
 def check_output_dir(cfg: Config) -> None:

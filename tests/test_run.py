@@ -148,6 +148,13 @@ def test_validate_refuses_what_training_refuses_with_the_same_line(tmp_path, tin
     assert lines[0] == lines[1]
 
 
+def test_a_run_refused_before_its_first_step_leaves_no_output_dir_behind(make_cfg, embedded_model, capfd, tmp_path):
+    cfg = make_cfg(model_name=str(embedded_model), max_memory="600MiB", output_dir=str(tmp_path / "new" / "out"))
+    config = write_config(tmp_path / "c.yml", **cfg.model_dump(mode="json"))
+    assert_one_line_error(*run_main(capfd, "--config", config), r"max_memory=600MiB: .* over the budget")
+    assert not (tmp_path / "new" / "out").exists()
+
+
 def test_validate_reports_each_dataset_and_the_total(tmp_path, tiny_model, pc_rows, chat_file, capfd):
     pc = write_jsonl(tmp_path / "pc.jsonl", pc_rows[:20])
     config = write_config(tmp_path / "c.yml", model_name=str(tiny_model), output_dir=str(tmp_path / "out"),
