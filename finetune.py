@@ -1785,7 +1785,7 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     answers, generated = [""] * len(prompts), 0
     model.eval()
     # At prefill the LM head gets a strided slice (logits_to_keep=1), and torch 2.13's CPU bf16 matmul of a strided
-    # input with a frozen weight takes a reference kernel: 0.5 s a row for Gemma 3's 262k vocabulary, its scratch
+    # input with a frozen weight takes a slow path: 0.5 s a row for Gemma 3's 262k vocabulary, its scratch
     # memory growing with the rows. A contiguous copy of the one position costs nothing.
     head = model.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
     for s in range(0, len(order), batch_size):
