@@ -500,7 +500,7 @@ def fitted_to_budget(cfg: Config, model_config, plan: Plan) -> Plan:
         for recompute in [plan.gradient_checkpointing, *unless_off]:
             trial = dataclasses.replace(plan, gradient_checkpointing=recompute, batch_size=batch,
                                         gradient_accumulation_steps=effective // batch, scoring_memory=scoring)
-            needed = estimate_phases(cfg.model_copy(update={"batch_size": batch}), model_config, trial)["whole run"]
+            needed = estimate_phases(cfg, model_config, trial)["whole run"]
             if needed <= budget:
                 return trial
     raise UserError(f"max_memory={cfg.max_memory}: the run needs about {gib(needed)} even with batch_size=1 x "
@@ -2621,7 +2621,9 @@ def scoring_row_bytes(model_config, tokens: int, precision: str) -> int:
 
 def estimate_phases(cfg: Config, model_config, plan: Plan) -> dict[str, int]:
     """Expected peak bytes of each phase of a run and of the whole run (the largest): loading, scoring, training (as
-    estimate_memory counts it), merging and exporting, each with the terms that grow with the vocabulary."""
+    estimate_memory counts it), merging and exporting, each with the terms that grow with the vocabulary. The batch
+    is the plan's, which max_memory may have made smaller than the config's."""
+    cfg = cfg.model_copy(update={"batch_size": plan.batch_size})
     train = estimate_memory(cfg, model_config, plan.precision, plan.gradient_checkpointing, plan.device)
     shape = model_shape(model_config)
     params = shape.linear + shape.embed
@@ -2679,7 +2681,7 @@ def estimate_run(cfg: Config, budget: str | None, device: str | None = None) -> 
     plan = make_plan(cfg, None, model_config, device=device, memory=limit)
     parts = estimate_memory(cfg.model_copy(update={"batch_size": plan.batch_size}), model_config, plan.precision,
                             plan.gradient_checkpointing, plan.device)
-    phases = estimate_phases(cfg.model_copy(update={"batch_size": plan.batch_size}), model_config, plan)
+    phases = estimate_phases(cfg, model_config, plan)
     print(f"memory estimate: {cfg.model_name}, {plan.method}, batch {plan.batch_size} x {cfg.seq_length} tokens, "
           f"{plan.precision}, gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
           f"on {plan.device}")

@@ -48,8 +48,7 @@ def test_max_memory_trades_batch_size_for_accumulation_to_fit(make_cfg, embedded
     plan = plan_for(fitted)
     assert plan.batch_size < 8 and plan.batch_size * plan.gradient_accumulation_steps == 8
     assert not plan.gradient_checkpointing  # the config turned it off: the budget does not turn it back on
-    smaller = fitted.model_copy(update={"batch_size": plan.batch_size})
-    assert finetune.estimate_phases(smaller, model_config, plan)["whole run"] <= budget
+    assert finetune.estimate_phases(fitted, model_config, plan)["whole run"] <= budget
     args = finetune.make_training_args(fitted, plan, 10, has_eval=False)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (plan.batch_size,
                                                                                    plan.gradient_accumulation_steps)
