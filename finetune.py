@@ -69,6 +69,8 @@ SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "
 GGUF_TYPES = Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 EMBEDDED_MODEL = "models/SmolLM2-135M-Instruct"
 SECOND_MODEL = "models/gemma-3-270m"  # Gemma 3 270M base (262k vocabulary), prepared by setup.sh for tests and benches
+TEMPLATES = Path(__file__).resolve().parent / "templates"  # the built-in chat templates, one <name>.jinja each
+BUILT_IN_TEMPLATES = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
 FIELD_KEYS = ("prompt_field", "completion_field", "messages_field", "dataset_text_field")
 
 
@@ -138,6 +140,9 @@ class Config(BaseModel):
         "Column with the expected completion, for prompt/completion datasets."))
     messages_field: str = Field("messages", description=(
         "Column with chat messages ([{role, content}, ...]), always rendered with the tokenizer's chat template."))
+    chat_template: str | None = Field(None, description=(
+        f"Chat template for chat rows and chat prompts, saved with the result: a built-in one "
+        f"({', '.join(BUILT_IN_TEMPLATES)}) or a .jinja file (null = the model's own)."))
     prompt_format: Literal["auto", "chat", "raw"] = Field("auto", description=(
         "How prompt/completion rows are shown to the model, in training and in every later use: chat (a user turn and "
         "the assistant's reply, in the chat template), raw (prompt text, then completion) or auto (chat if the "
@@ -253,6 +258,18 @@ class Config(BaseModel):
     def _size(cls, value):
         if value is not None and size_bytes(value) is None:
             raise ValueError(f"cannot read {value!r} as a size; write it like 8GiB, 16GB or 512MiB")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value):
+        if value is None or value in BUILT_IN_TEMPLATES:
+            return value
+        if not value.endswith(".jinja"):
+            raise ValueError(f"unknown template {value!r}{did_you_mean(value, BUILT_IN_TEMPLATES)}; built-in: "
+                             f"{', '.join(BUILT_IN_TEMPLATES)}, or the path of a .jinja file")
+        if not Path(value).expanduser().is_file():
+            raise ValueError(f"file not found: {value}")
         return value
 
     @field_validator("dataset_name", "test_dataset", mode="before")
@@ -466,8 +483,8 @@ def make_plan(cfg: Config, tokenizer, model_config, device: str | None = None, m
         template = getattr(tokenizer, "chat_template", None)
         prompt_format = ("chat" if template else "raw") if prompt_format == "auto" else prompt_format
         if prompt_format == "chat" and not template:
-            raise UserError(f"prompt_format: chat needs a tokenizer with a chat template; {cfg.model_name} has none "
-                            f"(use prompt_format: raw)")
+            raise UserError(f"prompt_format: chat needs a chat template; {cfg.model_name} has none: set "
+                            f"chat_template ({', '.join(BUILT_IN_TEMPLATES)} or a .jinja file), or prompt_format: raw")
         if cfg.system_prompt is not None and prompt_format == "raw":
             raise UserError(f"system_prompt is set, but {cfg.model_name} has no chat template, so prompts are raw; "
                             f"remove system_prompt")
@@ -933,20 +950,29 @@ def chat_examples(tokenizer, conversations: list[list[dict]], weight_other: floa
     import numpy as np
 
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"dataset {where}: chat messages need a tokenizer with a chat template; this model has none "
-                        f"(use prompt/completion rows)")
+        raise UserError(f"dataset {where}: chat messages need a chat template and this model has none: set "
+                        f"chat_template ({', '.join(BUILT_IN_TEMPLATES)} or a .jinja file)")
 
     def render(msgs, generation_prompt=False):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
-    replies = []
+    replies, texts = [], []
     for messages, number in zip(conversations, numbers):
-        spans = [(len(render(messages[:i], True)), len(render(messages[:i + 1])))
-                 for i, m in enumerate(messages) if m["role"] == "assistant"]
+        text, spans = render(messages), []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, through = render(messages[:i], True), render(messages[:i + 1]).rstrip()
+            if not (through.startswith(before) and text.startswith(through)):
+                raise UserError(f"dataset {where}: row {number}: the chat template renders turn {i + 1} differently "
+                                f"once later turns follow, so what the assistant says cannot be found in the chat; "
+                                f"use a template that renders each turn the same (chat_template)")
+            spans.append((len(before), len(through)))  # the reply and its end-of-turn, not the newline after
         if not spans:
             raise UserError(f"dataset {where}: row {number}: no assistant message to learn from")
         replies.append(np.array(spans).T)
-    enc = tokenizer([render(m) for m in conversations], add_special_tokens=False, return_offsets_mapping=True)
+        texts.append(text)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     examples = []
     for ids, offsets, (starts, ends) in zip(enc["input_ids"], enc["offset_mapping"], replies):
         token_starts = np.array(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
@@ -1171,7 +1197,48 @@ def load_tokenizer(cfg: Config, source: str | None = None):
         raise UserError(f"model_name {cfg.model_name!r}: the tokenizer has no EOS token, so completions could not end")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss; any id works
+    if cfg.chat_template and source is None:  # a finished run's own tokenizer already carries the one it used
+        tokenizer.chat_template = chat_template_text(cfg.chat_template)
+        check_chat_template(tokenizer, cfg)
     return tokenizer
+
+
+def chat_template_text(name: str) -> str:
+    """The Jinja text of a built-in template or of a .jinja file."""
+    path = TEMPLATES / f"{name}.jinja" if name in BUILT_IN_TEMPLATES else Path(name).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"chat_template: {name}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+
+
+TWO_TURNS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]
+
+
+def check_chat_template(tokenizer, cfg: Config) -> None:
+    """chat_template renders a two-turn chat and closes the assistant's turn with a special token of this tokenizer:
+    the token the model learns to stop at. A template written for other special tokens (gemma on a ChatML model)
+    would teach it to write them out as text and never stop."""
+    name = cfg.chat_template
+    try:
+        tokenizer.apply_chat_template(TWO_TURNS, tokenize=False)
+    except Exception as e:  # the template is the user's code: whatever it raises (a Jinja or a type error) is theirs
+        raise UserError(f"chat_template: {name} fails to render a two-turn chat ({first_line(e)}); fix the "
+                        f"template or use a built-in one ({', '.join(BUILT_IN_TEMPLATES)})") from None
+    if end_of_turn_token(tokenizer) is None:
+        fitting = [t for t in BUILT_IN_TEMPLATES if end_of_turn_token(with_template(tokenizer, t))]
+        raise UserError(f"chat_template: {name} ends the assistant's turn with no special token of "
+                        f"{cfg.model_name}'s tokenizer, so the model could not learn where to stop; built-in ones "
+                        f"this tokenizer has the tokens for: {', '.join(fitting) or 'none'}")
+
+
+def with_template(tokenizer, name: str):
+    import copy
+
+    other = copy.copy(tokenizer)
+    other.chat_template = chat_template_text(name)
+    return other
 
 
 def load_model_config(cfg: Config):
@@ -1978,7 +2045,8 @@ def trained_config(cfg: Config, plan: Plan) -> dict:
 
     values = cfg.model_dump(mode="json")
     return {**values, "prompt_format": plan.prompt_format, "model_name": absolute(cfg.model_name),
-            "deepspeed": absolute(cfg.deepspeed), "dataset_name": absolute_entries(values["dataset_name"]),
+            "deepspeed": absolute(cfg.deepspeed), "chat_template": absolute(cfg.chat_template),
+            "dataset_name": absolute_entries(values["dataset_name"]),
             "test_dataset": absolute_entries(values["test_dataset"])}
 
 
@@ -2024,6 +2092,9 @@ def model_card(cfg: Config, plan: Plan, summary: dict) -> str:
     lora = (f", r={cfg.peft_lora_r}, alpha={cfg.peft_lora_alpha}, dropout={cfg.peft_lora_dropout}, modules="
             f"{cfg.peft_target_modules}" if peft else "")
     datasets = ", ".join(f"`{name}`" for name in summary.get("data", {})) or f"`{cfg.dataset_name}`"
+    chats = plan.prompt_format == "chat" or any(d.get("format") == "messages" for d in summary.get("data", {}).values())
+    used = Path(cfg.chat_template).name if cfg.chat_template else "the model's own"
+    template = f" (chat template: {used}, saved with the tokenizer)" if chats else ""
     return f"""---
 base_model: {cfg.model_name}
 library_name: {'peft' if peft else 'transformers'}
@@ -2037,7 +2108,7 @@ Fine-tuned from `{cfg.model_name}` on {datasets} with {plan.method} by finetune.
 - method: {plan.method}{lora}
 - learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}, warmup {cfg.warmup_ratio}), batch {plan.batch_size} x \
 {plan.gradient_accumulation_steps} accumulation, {summary.get('steps')} steps, seed {cfg.seed}
-- {plan.prompt_format} prompts, prompt loss weight {cfg.prompt_loss_weight}, seq_length {cfg.seq_length}, \
+- {plan.prompt_format} prompts{template}, prompt loss weight {cfg.prompt_loss_weight}, seq_length {cfg.seq_length}, \
 {plan.precision} on {plan.device}
 - final training loss {summary.get('train_loss')}, validation loss {summary.get('eval_loss')}{best}
 

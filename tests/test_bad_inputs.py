@@ -478,6 +478,25 @@ def _(c):
 add("chat-prompts-without-a-chat-template", lambda c: Bad(c.run(model_name=str(plain_model(c)), prompt_format="chat"),
                                                           r"prompt_format: chat needs .*chat template"))
 
+add("chat-rows-without-a-chat-template", lambda c: Bad(
+    c.run(model_name=str(plain_model(c)), dataset_name=str(write_jsonl(c.tmp / "chat.jsonl", [
+        chat(("user", "Hi"), ("assistant", "Hello"))] * 8)), prompt_format="raw"),
+    r"chat messages need a chat template and this model has none: set chat_template \(chatml, gemma, llama3, qwen"))
+add("chat-template-unknown-name", lambda c: Bad(c.run(chat_template="gemmma"), (
+    r"chat_template: unknown template 'gemmma' \(did you mean 'gemma'\?\); built-in: chatml, gemma, llama3, qwen")))
+add("chat-template-file-not-found", lambda c: Bad(c.run(chat_template=str(c.tmp / "mine.jinja")),
+                                                  r"chat_template: file not found: .*mine\.jinja"))
+add("chat-template-for-other-special-tokens", lambda c: Bad(c.run(chat_template="gemma"), (
+    r"chat_template: gemma ends the assistant's turn with no special token .*tokenizer.*: chatml, qwen$")))
+
+
+@case("chat-template-file-that-fails-to-render")
+def _(c):
+    path = c.tmp / "broken.jinja"
+    path.write_text("{% for m in messages %}{{ m['content'] }}")  # no endfor
+    return Bad(c.run(chat_template=str(path)), rf"chat_template: {re.escape(str(path))} fails to render a two-turn "
+                                               r"chat \(Unexpected end of template.*endfor")
+
 
 def plain_model(c: Ctx) -> Path:
     """The tiny model without its chat template."""

@@ -40,7 +40,7 @@ def runs(tokenizer, ids, weights, trained: bool) -> list[str]:
     return [tokenizer.decode(p) for p in pieces]
 
 
-END_OF_TURN = "<|im_end|>\n"  # what SmolLM2's chat template writes after each message
+END_OF_TURN = "<|im_end|>"  # what SmolLM2's chat template closes each message with (the newline after is not trained)
 
 
 def pc_ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
@@ -108,6 +108,60 @@ def test_messages_train_every_assistant_reply_in_either_prompt_format(tmp_path, 
     assert runs(tokenizer, example["input_ids"], example["loss_weights"], trained=True) == replies
     untrained = "".join(runs(tokenizer, example["input_ids"], example["loss_weights"], trained=False))
     assert all(content in untrained for role, content in turns if role != "assistant")
+
+
+def llama3_tokenizer_model(folder: Path, tokenizer_dir: Path) -> Path:
+    """A tiny Llama whose tokenizer is SmolLM2's with Llama 3's special tokens added (BOS <|begin_of_text|>)."""
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>", "additional_special_tokens": [
+        "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return tiny_llama(folder / "model", folder / "tokenizer", bos_token_id=tokenizer.bos_token_id)
+
+
+TWO_TURNS = [("user", "Name a colour."), ("assistant", "Blue."), ("user", "Another?"), ("assistant", "Green.")]
+# Each built-in template's rendering of TWO_TURNS, and the runs of tokens it trains: each reply and the special token
+# that ends its turn, nothing of the user's turns, the system prompt or the template's own markers.
+TEMPLATES = {
+    "chatml": ("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"
+               "<|im_start|>user\nAnother?<|im_end|>\n<|im_start|>assistant\nGreen.<|im_end|>\n",
+               ["Blue.<|im_end|>", "Green.<|im_end|>"]),
+    "qwen": ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+             "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"
+             "<|im_start|>user\nAnother?<|im_end|>\n<|im_start|>assistant\nGreen.<|im_end|>\n",
+             ["Blue.<|im_end|>", "Green.<|im_end|>"]),
+    "llama3": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\nBlue.<|eot_id|><|start_header_id|>user"
+               "<|end_header_id|>\n\nAnother?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nGreen."
+               "<|eot_id|>",
+               ["Blue.<|eot_id|>", "Green.<|eot_id|>"]),
+    "gemma": ("<bos><start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\nBlue.<end_of_turn>\n"
+              "<start_of_turn>user\nAnother?<end_of_turn>\n<start_of_turn>model\nGreen.<end_of_turn>\n",
+              ["Blue.<end_of_turn>", "Green.<end_of_turn>"]),
+}
+
+
+@pytest.fixture(scope="module")
+def template_models(tmp_path_factory, tiny_model, embedded_model, gemma_model):
+    """A model whose tokenizer has each template's special tokens: SmolLM2's for ChatML and Qwen, Gemma 3's own."""
+    return {"chatml": tiny_model, "qwen": tiny_model, "gemma": gemma_model,
+            "llama3": llama3_tokenizer_model(tmp_path_factory.mktemp("llama3"), embedded_model)}
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_each_built_in_template_trains_the_replies_and_their_end_of_turn_only(tmp_path, make_cfg, template,
+                                                                            template_models):
+    rendered, trained = TEMPLATES[template]
+    cfg = make_cfg(model_name=str(template_models[template]), chat_template=template,
+                   dataset_name=str(write_jsonl(tmp_path / "chat.jsonl", [chat(*TWO_TURNS)])))
+    tokenizer = finetune.load_tokenizer(cfg)
+    (example,), _ = tokenized(cfg, tokenizer)
+    assert tokenizer.decode(example["input_ids"]) == rendered
+    assert runs(tokenizer, example["input_ids"], example["loss_weights"], trained=True) == trained
 
 
 def test_plain_text_trains_every_token_and_ends_with_eos(tmp_path, pc_rows, make_cfg, tokenizer):
