@@ -1027,12 +1027,15 @@ def tokenized_features():
                      "length": Value("int32"), "trainable": Value("bool")})
 
 
+TOKENIZATION = 2  # the version of the rules above; a change to them bumps it, so that no cache of old tokens is read
+
+
 def token_cache_key(rows, source: Source, tokenizer, cfg: Config, plan: Plan) -> str:
     """What names a dataset's tokens in the datasets cache: its rows and every setting that changes their tokens, and
     nothing else, so that a run with another output_dir or learning rate reuses them."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     settings = cfg.model_dump_json(include={"system_prompt", "seq_length", "long_examples", "prompt_loss_weight"})
-    identity = [rows._fingerprint, settings, source.entry.model_dump_json(), source.format, plan.prompt_format,
+    identity = [TOKENIZATION, rows._fingerprint, settings, source.entry.model_dump_json(), source.format, plan.prompt_format,
                 tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id,
                 getattr(tokenizer, "chat_template", None), backend.to_str() if backend else None]
     return hashlib.sha256("|".join(map(str, identity)).encode()).hexdigest()[:24]
