@@ -143,6 +143,9 @@ class Config(BaseModel):
     chat_template: str | None = Field(None, description=(
         f"Chat template for chat rows and chat prompts, saved with the result: a built-in one "
         f"({', '.join(BUILT_IN_TEMPLATES)}) or a .jinja file (null = the model's own)."))
+    reasoning: Literal["train", "mask", "drop"] = Field("train", description=(
+        "Reasoning traces of assistant turns (reasoning_content, or a <think>...</think> block opening the reply): "
+        "train (learned), mask (shown to the model, weighted as the prompt) or drop (removed)."))
     prompt_format: Literal["auto", "chat", "raw"] = Field("auto", description=(
         "How prompt/completion rows are shown to the model, in training and in every later use: chat (a user turn and "
         "the assistant's reply, in the chat template), raw (prompt text, then completion) or auto (chat if the "
@@ -624,6 +627,33 @@ def validate_run(cfg: Config) -> None:
         print(f"would resume from {run.checkpoint}")
 
 
+def preview_run(cfg: Config, rows: int, colour: bool) -> None:
+    """`preview`: the data checks of --validate, with their warnings, then the first rows of every dataset exactly as
+    training tokenizes them (template, system prompt, tools, reasoning, the cut at seq_length), each with its token
+    counts and its trained tokens marked: green on a terminal, [[...]] otherwise. Reads no model weights."""
+    import itertools
+
+    tokenizer = load_tokenizer(cfg)
+    plan = make_plan(cfg, tokenizer, load_model_config(cfg))
+    data = load_data(cfg, plan, tokenizer)
+    for line in data.report():
+        print(line)
+    start, end = ("\033[32m", "\033[0m") if colour else ("[[", "]]")
+    for source in data.sources:
+        sample = list(itertools.islice(source.train, max(rows, 0)))
+        if not sample:
+            continue
+        tokens = tokenized_batch({k: [r[k] for r in sample] for k in sample[0]}, tokenizer, source, cfg, plan)
+        for number, ids, weights, length in zip([r[ROW] for r in sample], tokens["input_ids"], tokens["loss_weights"],
+                                                tokens["length"]):
+            cut = f", cut from {length} at seq_length={cfg.seq_length}" if length > len(ids) else ""
+            print(f"\n--- dataset {source.where}, row {number}: {len(ids)} tokens, {int((weights == 1).sum())} "
+                  f"trained{cut}")
+            runs = itertools.groupby(zip(ids, weights == 1), key=lambda pair: pair[1])
+            print("".join(f"{start}{text}{end}" if trained else text
+                          for trained, run in runs for text in [tokenizer.decode([i for i, _ in run])]))
+
+
 # =====================================================================================================================
 # Data: each dataset read once (its format found once), split, tokenized with per-token loss weights, mixed by weight.
 # =====================================================================================================================
@@ -638,6 +668,7 @@ class TestPair(NamedTuple):
     ids: list[int]  # what the model sees: the prompt in the run's format, tokenized exactly as in training
     reference: str
     source: str  # the dataset it came from
+    calls: tuple | None = None  # the reference's tool calls as (name, arguments) pairs, when it is a tool call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -820,9 +851,10 @@ def local_data_files(name: str, where: str) -> list[Path] | None:
     return None
 
 
-def check_json_lines(path: Path, text_fields: tuple[str, ...]) -> None:
+def check_json_lines(path: Path, text_fields: tuple[str, ...], messages_field: str) -> None:
     """datasets' JSON errors name neither file nor line, and a column of mixed types gets JSON-parsed into objects;
-    this scan (constant memory) names the line of a broken row or of a text field that is not text."""
+    this scan (constant memory) names the line of a broken row, of a text field that is not text, or of the first
+    malformed conversation or tool list (rather than the first one tokenizing meets)."""
     rows = 0
     try:
         f = path.open("rb")
@@ -846,6 +878,9 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...]) -> None:
             for field in text_fields:
                 if field in row and not isinstance(row[field], str):
                     raise UserError(f"{path}:{number}: {field!r} is {type(row[field]).__name__}, expected text")
+            if messages_field in row:
+                checked_messages(row[messages_field], number, str(path))
+                checked_tools(row.get(TOOLS_FIELD), number, str(path))
             rows += 1
     if rows == 0:
         raise UserError(f"dataset file {path} is empty: no rows")
@@ -872,7 +907,7 @@ def read_rows(entry: DatasetEntry, cfg: Config, where: str, streaming: bool = Fa
             if file.stat().st_size == 0:
                 raise UserError(f"dataset file {file} is empty: no rows")
             if file.suffix == ".jsonl":
-                check_json_lines(file, text_fields)
+                check_json_lines(file, text_fields, entry.messages_field)
         try:
             rows = datasets.load_dataset(DATA_BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
                                          split="train", streaming=streaming)
@@ -913,16 +948,104 @@ def field_text(row: dict, field: str, number: int, where: str) -> str:
     return value
 
 
+ROLES = ("system", "user", "assistant", "tool")
+THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)  # a reasoning trace written at the start of a reply
+
+
 def checked_messages(messages: Any, number: int, where: str) -> list[dict]:
-    if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise UserError(f"dataset {where}: row {number}: messages must be a list of {{role, content}} objects with "
-                        f"text content")
-    if messages and messages[0]["role"] == "assistant":
+    """A row's messages as the chat-template API takes them (Hugging Face's and TRL's format): text content, an
+    assistant's tool_calls as [{type: function, function: {name, arguments: object}}], tool results after a call,
+    and an assistant's reasoning as reasoning_content (also when the reply opens with <think>...</think>). Empty
+    fields that a columnar file adds to every message are dropped. A mistake names the row, the message and the
+    field."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"dataset {where}: row {number}: messages must be a non-empty list of {{role, content}} "
+                        f"objects")
+    checked, calling = [], False
+    for i, message in enumerate(messages, 1):
+        at = f"dataset {where}: row {number}: message {i}"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise UserError(f"{at}: expected a {{role, content}} object with role {', '.join(ROLES)}, got "
+                            f"{str(message)[:60]}")
+        m = {k: v for k, v in message.items() if v is not None}
+        if m["role"] == "assistant":
+            m = checked_reply(m, at)
+        elif not isinstance(m.get("content"), str):
+            raise UserError(f"{at}: a {m['role']} message needs text content, got {str(m.get('content'))[:60]}")
+        if m["role"] == "tool" and not calling:
+            raise UserError(f"{at}: a tool result with no tool call before it; put it after the assistant message "
+                            f"whose tool_calls it answers")
+        calling = bool(m.get("tool_calls")) or (calling and m["role"] == "tool")
+        checked.append(m)
+    if checked[0]["role"] == "assistant":
         raise UserError(f"dataset {where}: row {number}: the conversation starts with an assistant message; start it "
                         f"with a system or user message")
-    return messages
+    return checked
+
+
+def checked_reply(m: dict, at: str) -> dict:
+    """An assistant message with text content ("" beside tool calls), tool calls in one shape, and its reasoning in
+    reasoning_content."""
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list) or not calls:
+            raise UserError(f"{at}: tool_calls must be a non-empty list of {{type: function, function: {{name, "
+                            f"arguments}}}}")
+        m["tool_calls"] = [checked_call(call, f"{at}: tool_calls[{j}]") for j, call in enumerate(calls, 1)]
+    content = m.get("content", "" if calls else None)
+    if not isinstance(content, str):
+        raise UserError(f"{at}: an assistant message needs text content or tool_calls, got {str(content)[:60]}")
+    thought = THINK.match(content)
+    if thought and "reasoning_content" not in m:
+        m["reasoning_content"], content = thought.group(1).strip(), content[thought.end():]
+    if not isinstance(m.get("reasoning_content", ""), str):
+        raise UserError(f"{at}: reasoning_content must be text")
+    m["content"] = content
+    return m
+
+
+def checked_call(call: Any, at: str) -> dict:
+    function = call.get("function", call) if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{at}: no function name; write {{type: function, function: {{name, arguments}}}}")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError as e:
+            raise UserError(f"{at}: arguments of {name} are not valid JSON ({e}); write an object or a JSON string "
+                            f"of one") from None
+    if not isinstance(arguments, dict):
+        raise UserError(f"{at}: arguments of {name} must be an object of named arguments, got {str(arguments)[:60]}")
+    return {**{k: v for k, v in call.items() if k not in ("function", "name", "arguments")}, "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def checked_tools(tools: Any, number: int, where: str) -> list[dict] | None:
+    """A row's tools column as a list of function schemas {type: function, function: {name, description,
+    parameters}} (a JSON string of one too); keys a columnar file filled with nulls are dropped."""
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            raise UserError(f"dataset {where}: row {number}: tools is not valid JSON ({e})") from None
+    schemas = []
+    for j, tool in enumerate(tools if isinstance(tools, list) else [None], 1):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(tools, list) or not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise UserError(f"dataset {where}: row {number}: tools must be a list of function schemas "
+                            f"({{type: function, function: {{name, description, parameters}}}}); item {j} is not")
+        schemas.append({"type": "function", "function": without_nulls(function)})
+    return schemas
+
+
+def without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    return [without_nulls(v) for v in value] if isinstance(value, list) else value
 
 
 def with_system_prompt(messages: list[dict], cfg: Config) -> list[dict]:
@@ -932,62 +1055,160 @@ def with_system_prompt(messages: list[dict], cfg: Config) -> list[dict]:
     return [{"role": "system", "content": cfg.system_prompt}, *messages]
 
 
-def prompt_ids(tokenizer, prompt: str | list[dict], cfg: Config, plan: Plan) -> list[int]:
+def prompt_ids(tokenizer, prompt: str | list[dict], cfg: Config, plan: Plan, tools: list | None = None) -> list[int]:
     """Token ids of what a model sees before it answers, exactly as training showed it: a raw prompt with the
     tokenizer's own BOS, or (chat format, or a conversation) the chat template up to the assistant's turn."""
     if isinstance(prompt, str) and plan.prompt_format == "raw":
         return tokenizer(prompt)["input_ids"]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    text = tokenizer.apply_chat_template(with_system_prompt(messages, cfg), tokenize=False, add_generation_prompt=True)
+    text = chat_text(tokenizer, messages, cfg, tools, generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own special tokens
 
 
-def chat_examples(tokenizer, conversations: list[list[dict]], weight_other: float, numbers: list[int],
+def chat_text(tokenizer, messages: list[dict], cfg: Config, tools: list | None, generation_prompt: bool) -> str:
+    """A conversation in the chat template, as training shows it (system_prompt, reasoning, tools)."""
+    shown = shown_messages(with_system_prompt(messages, cfg), cfg.reasoning, renders_reasoning(tokenizer))
+    return tokenizer.apply_chat_template(shown, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def renders_reasoning(tokenizer) -> bool:
+    """Whether the chat template writes an assistant's reasoning_content itself (Qwen 3, DeepSeek R1 and others)."""
+    marker = "finetune-py-thought"
+    return marker in tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {
+        "role": "assistant", "content": "a", "reasoning_content": marker}], tokenize=False)
+
+
+def shown_messages(messages: list[dict], reasoning: str, native: bool) -> list[dict]:
+    """Messages as the template is given them: each reasoning trace dropped, or kept as reasoning_content for a
+    template that writes it (native), or else written as a <think> block opening the reply."""
+    shown = []
+    for m in messages:
+        thought = m.get("reasoning_content")
+        if thought is not None:
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            if reasoning != "drop" and native:
+                m["reasoning_content"] = thought
+            elif reasoning != "drop":
+                m["content"] = f"<think>\n{thought}\n</think>\n\n{m['content']}"
+        shown.append(m)
+    return shown
+
+
+def chat_examples(tokenizer, chats: list[tuple[list[dict], list | None]], cfg: Config, numbers: list[int],
                   where: str) -> list[tuple[list[int], Any]]:
-    """(ids, weights) of each conversation in the chat template: 1 on each assistant reply and the end-of-turn that
-    closes it, weight_other on everything else. One tokenizer call for them all and numpy for the weights: one call
-    per row and a Python loop per token were most of the time of a big dataset."""
+    """(ids, weights) of each conversation (messages, tools) in the chat template: 1 on what the assistant says (its
+    replies and tool calls, each with the end-of-turn that closes it), prompt_loss_weight on everything else (the
+    tool list and tool results too), and on reasoning traces under reasoning: mask. One tokenizer call for them all
+    and numpy for the weights: one call per row and a Python loop per token were most of the time of a big dataset."""
     import numpy as np
 
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"dataset {where}: chat messages need a chat template and this model has none: set "
                         f"chat_template ({', '.join(BUILT_IN_TEMPLATES)} or a .jinja file)")
 
-    def render(msgs, generation_prompt=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+    def render(msgs, tools, generation_prompt=False):
+        return tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
-    replies, texts = [], []
-    for messages, number in zip(conversations, numbers):
-        text, spans = render(messages), []
-        for i, m in enumerate(messages):
+    check_agent_rendering(tokenizer, chats, numbers, where, cfg)
+    native = renders_reasoning(tokenizer)
+    replies, hidden, texts = [], [], []
+    for (messages, tools), number in zip(chats, numbers):
+        shown = shown_messages(messages, cfg.reasoning, native)
+        text, spans, masked = render(shown, tools), [], [(0, 0)]
+        for i, m in enumerate(shown):
             if m["role"] != "assistant":
                 continue
-            before, through = render(messages[:i], True), render(messages[:i + 1]).rstrip()
+            before, through = render(shown[:i], tools, True), render(shown[:i + 1], tools).rstrip()
             if not (through.startswith(before) and text.startswith(through)):
                 raise UserError(f"dataset {where}: row {number}: the chat template renders turn {i + 1} differently "
                                 f"once later turns follow, so what the assistant says cannot be found in the chat; "
                                 f"use a template that renders each turn the same (chat_template)")
             spans.append((len(before), len(through)))  # the reply and its end-of-turn, not the newline after
+            thought = messages[i].get("reasoning_content") if cfg.reasoning == "mask" else None
+            if thought:
+                masked.append((len(before), thought_end(text, thought, len(before), len(through))))
         if not spans:
             raise UserError(f"dataset {where}: row {number}: no assistant message to learn from")
         replies.append(np.array(spans).T)
+        hidden.append(np.array(masked).T)
         texts.append(text)
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     examples = []
-    for ids, offsets, (starts, ends) in zip(enc["input_ids"], enc["offset_mapping"], replies):
+    for ids, offsets, spans, masked in zip(enc["input_ids"], enc["offset_mapping"], replies, hidden):
         token_starts = np.array(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
-        reply = np.searchsorted(starts, token_starts, side="right") - 1  # the last reply that starts at or before
-        examples.append((ids, np.where((reply >= 0) & (token_starts < ends[reply]), 1.0, weight_other)))
+        examples.append((ids, np.where(within(token_starts, *spans) & ~within(token_starts, *masked), 1.0,
+                                       cfg.prompt_loss_weight)))
     return examples
 
 
-def conversation(row: dict, source: Source) -> list[dict]:
-    """A row as chat messages: its own, or its prompt as the user's turn and its completion as the reply."""
+def within(positions, starts, ends):
+    """Which positions fall in one of the sorted, disjoint spans [start, end)."""
+    import numpy as np
+
+    span = np.searchsorted(starts, positions, side="right") - 1  # the last span that starts at or before
+    return (span >= 0) & (positions < ends[span])
+
+
+def thought_end(text: str, thought: str, start: int, end: int) -> int:
+    """Where a reasoning trace shown in the reply text[start:end] ends, with the </think> that closes it."""
+    at = text.find(thought, start, end)
+    if at < 0:
+        return start  # the template does not show it
+    closing = re.match(r"\s*</think>\s*", text[at + len(thought):end])
+    return at + len(thought) + (closing.end() if closing else 0)
+
+
+def check_agent_rendering(tokenizer, chats: list[tuple[list[dict], list | None]], numbers: list[int], where: str,
+                          cfg: Config) -> None:
+    """A template that renders a row the same with and without its tools, or leaves out an assistant's tool calls,
+    would train on a chat without them, silently: refused, naming the built-in templates that render both."""
+    def render(msgs, tools):
+        return tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False)
+
+    name = f"chat_template {cfg.chat_template}" if cfg.chat_template else "the model's own chat template"
+    tools_row = next(((m, t, n) for (m, t), n in zip(chats, numbers) if t), None)
+    call_row = next(((m, t, n) for (m, t), n in zip(chats, numbers) if any(x.get("tool_calls") for x in m)), None)
+    for found, missing in ((tools_row, "its tools"), (call_row, "the assistant's tool_calls")):
+        if found is None:
+            continue
+        messages, tools, number = found
+        if missing == "its tools":
+            dropped = render(messages, tools) == render(messages, None)
+        else:
+            dropped = messages_calls(messages)[0][0] not in render(messages, tools)
+        if dropped:
+            fitting = [t for t in BUILT_IN_TEMPLATES if agent_template(with_template(tokenizer, t))]
+            raise UserError(f"dataset {where}: row {number}: {name} does not render {missing}, so the model would "
+                            f"never see them; set chat_template to one that does ({', '.join(fitting)})")
+
+
+AGENT_PROBE = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+    {"type": "function", "function": {"name": "finetune_py_call", "arguments": {}}}]}]
+
+
+def agent_template(tokenizer) -> bool:
+    """Whether a template renders both a tool list and an assistant's tool calls."""
+    tools = [{"type": "function", "function": {"name": "finetune_py_tool", "parameters": {}}}]
+    text = tokenizer.apply_chat_template(AGENT_PROBE, tools=tools, tokenize=False)
+    return "finetune_py_tool" in text and "finetune_py_call" in text
+
+
+def messages_calls(messages: list[dict]) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], c["function"]["arguments"]) for m in messages for c in m.get("tool_calls", [])]
+
+
+TOOLS_FIELD = "tools"  # the column of a messages row with the functions its assistant may call (TRL's name)
+
+
+def conversation(row: dict, source: Source, cfg: Config) -> tuple[list[dict], list | None]:
+    """A row as (chat messages, tools): its own, or its prompt as the user's turn and its completion as the reply."""
     entry, number, where = source.entry, row[ROW], source.where
     if source.format == "messages":
-        return checked_messages(row.get(entry.messages_field), number, where)
-    return [{"role": "user", "content": field_text(row, entry.prompt_field, number, where)},
-            {"role": "assistant", "content": field_text(row, entry.completion_field, number, where).strip()}]
+        messages = checked_messages(row.get(entry.messages_field), number, where)
+        return with_system_prompt(messages, cfg), checked_tools(row.get(TOOLS_FIELD), number, where)
+    return with_system_prompt([
+        {"role": "user", "content": field_text(row, entry.prompt_field, number, where)},
+        {"role": "assistant", "content": field_text(row, entry.completion_field, number, where).strip()}], cfg), None
 
 
 def tokenized_batch(batch: dict, tokenizer, source: Source, cfg: Config, plan: Plan) -> dict:
@@ -999,13 +1220,14 @@ def tokenized_batch(batch: dict, tokenizer, source: Source, cfg: Config, plan: P
 
     entry, where, plw = source.entry, source.where, cfg.prompt_loss_weight
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    eos = [tokenizer.eos_token_id]
+    eos, traced = [tokenizer.eos_token_id], [False] * len(rows)  # traced: rows with a reasoning trace
     if source.format == "text":
         texts = [field_text(row, entry.dataset_text_field, row[ROW], where) for row in rows]
         examples = [(ids + eos, [1.0] * (len(ids) + 1)) for ids in tokenizer(texts)["input_ids"]]
     elif source.format == "messages" or plan.prompt_format == "chat":
-        conversations = [with_system_prompt(conversation(row, source), cfg) for row in rows]
-        examples = chat_examples(tokenizer, conversations, plw, batch[ROW], where)
+        chats = [conversation(row, source, cfg) for row in rows]
+        examples = chat_examples(tokenizer, chats, cfg, batch[ROW], where)
+        traced = [any("reasoning_content" in m for m in messages) for messages, _ in chats]
     else:
         pairs = [(field_text(row, entry.prompt_field, row[ROW], where),
                   field_text(row, entry.completion_field, row[ROW], where)) for row in rows]
@@ -1015,7 +1237,8 @@ def tokenized_batch(batch: dict, tokenizer, source: Source, cfg: Config, plan: P
     cut = cfg.seq_length
     weights = [np.asarray(w, dtype=np.float32)[:cut] for _, w in examples]
     return {"input_ids": [ids[:cut] for ids, _ in examples], "loss_weights": weights,
-            "length": [len(ids) for ids, _ in examples], "trainable": [w[1:].any() for w in weights]}
+            "length": [len(ids) for ids, _ in examples], "trainable": [w[1:].any() for w in weights],
+            "reasoning": traced}
 
 
 def tokenized_features():
@@ -1024,7 +1247,7 @@ def tokenized_features():
     from datasets import Features, List, Value
 
     return Features({"input_ids": List(Value("int32")), "loss_weights": List(Value("float32")),
-                     "length": Value("int32"), "trainable": Value("bool")})
+                     "length": Value("int32"), "trainable": Value("bool"), "reasoning": Value("bool")})
 
 
 TOKENIZATION = 2  # the version of the rules above; a change to them bumps it, so that no cache of old tokens is read
@@ -1034,7 +1257,8 @@ def token_cache_key(rows, source: Source, tokenizer, cfg: Config, plan: Plan) ->
     """What names a dataset's tokens in the datasets cache: its rows and every setting that changes their tokens, and
     nothing else, so that a run with another output_dir or learning rate reuses them."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    settings = cfg.model_dump_json(include={"system_prompt", "seq_length", "long_examples", "prompt_loss_weight"})
+    settings = cfg.model_dump_json(include={"system_prompt", "seq_length", "long_examples", "prompt_loss_weight",
+                                            "reasoning"})
     identity = [TOKENIZATION, rows._fingerprint, settings, source.entry.model_dump_json(), source.format, plan.prompt_format,
                 tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id,
                 getattr(tokenizer, "chat_template", None), backend.to_str() if backend else None]
@@ -1070,7 +1294,12 @@ def tokenize_rows(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
                          batched=True, batch_size=100, writer_batch_size=100, features=tokenized_features(),
                          remove_columns=rows.column_names, num_proc=worker_count(cfg, len(rows)),
                          new_fingerprint=f"{key}-tokenize")
-    found = tokenized.select_columns(["length", "trainable"]).with_format("numpy")[:]
+    found = tokenized.select_columns(["length", "trainable", "reasoning"]).with_format("numpy")[:]
+    traced = int(found["reasoning"].sum())
+    if 0 < traced < len(rows) and cfg.reasoning != "drop":
+        print(f"warning: dataset {source.where}: {traced} rows have a reasoning trace and {len(rows) - traced} have "
+              f"none; a model trained on both mixes thinking and answering at random: give every row a trace, or set "
+              f"reasoning: drop")
     long = found["length"] > cfg.seq_length
     dropped = long if cfg.long_examples == "drop" else np.zeros_like(long)
     untrainable = ~found["trainable"] & ~dropped
@@ -1082,7 +1311,7 @@ def tokenize_rows(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
                         f"long_examples and the fields)")
     if (dropped | untrainable).any():
         tokenized = tokenized.select(np.flatnonzero(~(dropped | untrainable)), new_fingerprint=f"{key}-kept")
-    return tokenized.remove_columns("trainable"), int(long.sum())
+    return tokenized.remove_columns(["trainable", "reasoning"]), int(long.sum())
 
 
 def streamed_tokens(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
@@ -1092,7 +1321,7 @@ def streamed_tokens(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
                          batched=True, batch_size=100, features=tokenized_features())
     kept = tokenized.select_columns(list(tokenized_features())).filter(
         lambda n, trainable: trainable and not (drop and n > cfg.seq_length), input_columns=["length", "trainable"])
-    return kept.remove_columns("trainable")
+    return kept.remove_columns(["trainable", "reasoning"])
 
 
 def mix_by_weight(sets: list, weights: list[float] | None, seed: int):
@@ -1146,12 +1375,21 @@ def test_pair(row: dict, number: int, fmt: str, entry: DatasetEntry, where: str,
         reference = field_text(row, entry.completion_field, number, where)
         return TestPair(prompt, prompt_ids(tokenizer, prompt, cfg, plan), reference, entry.name)
     messages = checked_messages(row.get(entry.messages_field), number, where)
+    tools = checked_tools(row.get(TOOLS_FIELD), number, where)
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not replies:
         raise UserError(f"test rows {where}: row {number} has no assistant message to score against")
-    history = messages[:replies[-1]]
-    return TestPair(history[-1]["content"], prompt_ids(tokenizer, history, cfg, plan), messages[replies[-1]]["content"],
-                    entry.name)
+    history, reply = messages[:replies[-1]], messages[replies[-1]]
+    ids = prompt_ids(tokenizer, history, cfg, plan, tools)
+    if not (reply.get("tool_calls") or "reasoning_content" in reply and cfg.reasoning != "drop"):
+        return TestPair(history[-1]["content"], ids, reply["content"], entry.name)
+    # The reference is the reply as the template writes it (a tool call in the template's own syntax, a shown trace).
+    prompt = chat_text(tokenizer, history, cfg, tools, generation_prompt=True)
+    through = chat_text(tokenizer, messages[:replies[-1] + 1], cfg, tools, generation_prompt=False).rstrip()
+    reference = through[len(prompt):] if through.startswith(prompt) else reply["content"]
+    end = end_of_turn_token(tokenizer) or tokenizer.eos_token
+    return TestPair(history[-1]["content"], ids, reference.removesuffix(end).strip(), entry.name,
+                    tuple(messages_calls([reply])) or None)
 
 
 # =====================================================================================================================
@@ -1891,8 +2129,38 @@ def parse_json_object(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def score_answers(predictions: list[str], references: list[str]) -> dict:
-    """exact_match and token_f1 for any text; json_valid and json_field_accuracy when references are JSON objects."""
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)  # Qwen's, Hermes' and ChatML's syntax
+
+
+def parsed_tool_calls(text: str) -> list[tuple[str | None, dict | None]]:
+    """The (name, arguments) of each tool call in an answer: JSON in <tool_call> tags, or the whole answer as one JSON
+    call; a name or arguments that do not parse are None."""
+    blocks = TOOL_CALL.findall(text) or [text]
+    calls = []
+    for block in blocks:
+        call = parse_json_object(block) or {}
+        arguments = call.get("arguments", call.get("parameters"))
+        if isinstance(arguments, str):
+            arguments = parse_json_object(arguments)
+        name = call.get("name")
+        calls.append((name if isinstance(name, str) else None, arguments if isinstance(arguments, dict) else None))
+    return calls if any(name for name, _ in calls) else []
+
+
+def tool_call_scores(predictions: list[str], calls: list[tuple | None]) -> dict:
+    """On the rows whose reference is a tool call: the right functions called (in order), every call's arguments a
+    JSON object, and the arguments exactly right (compared as parsed objects)."""
+    found = [(parsed_tool_calls(p), list(c)) for p, c in zip(predictions, calls) if c]
+    n = max(len(found), 1)
+    return {"tool_calls": len(found),
+            "tool_name_accuracy": sum([a for a, _ in got] == [a for a, _ in want] for got, want in found) / n,
+            "arguments_valid_json": sum(bool(got) and all(b is not None for _, b in got) for got, _ in found) / n,
+            "arguments_exact_match": sum(got == want for got, want in found) / n}
+
+
+def score_answers(predictions: list[str], references: list[str], calls: list[tuple | None] | None = None) -> dict:
+    """exact_match and token_f1 for any text; json_valid and json_field_accuracy when references are JSON objects;
+    the tool-call scores when some references are tool calls."""
     n = max(len(references), 1)
     scores = {"examples": len(references),
               "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n,
@@ -1903,6 +2171,8 @@ def score_answers(predictions: list[str], references: list[str]) -> dict:
         fields = sum(len(r) for r in refs)
         right = sum(sum(p is not None and p.get(k) == v for k, v in r.items()) for p, r in zip(preds, refs))
         scores.update(json_valid=sum(p is not None for p in preds) / n, json_field_accuracy=right / max(fields, 1))
+    if calls and any(calls):
+        scores.update(tool_call_scores(predictions, calls))
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
 
 
@@ -1917,12 +2187,13 @@ def score_generation(model, tokenizer, pairs: list[TestPair], cfg: Config, plan:
                                               plan.scoring_memory)
     seconds = time.perf_counter() - started
     print(f"  scored in {seconds:.1f} s: {generated} tokens generated, {generated / max(seconds, 1e-9):.0f} tokens/s")
-    scores = score_answers(answers, [p.reference for p in pairs])
+    scores = score_answers(answers, [p.reference for p in pairs], [p.calls for p in pairs])
     sources = list(dict.fromkeys(p.source for p in pairs))
     if len(sources) > 1:
         scores["by_dataset"] = {
             name: score_answers([a for a, p in zip(answers, pairs) if p.source == name],
-                                [p.reference for p in pairs if p.source == name]) for name in sources}
+                                [p.reference for p in pairs if p.source == name],
+                                [p.calls for p in pairs if p.source == name]) for name in sources}
     samples = [{"prompt": p.prompt, "reference": p.reference, "answer": a, "source": p.source,
                 "exact": a.strip() == p.reference.strip()} for p, a in zip(pairs, answers)]
     return scores, samples
@@ -3084,6 +3355,7 @@ def maybe_reexec_with_fast_allocator() -> None:
 
 COMMANDS = {"train": "fine-tune as the config says (the default)",
             "validate": "every check a run makes before its first step; train nothing (same as --validate)",
+            "preview": "show --rows N rows of each dataset exactly as they will be trained, the trained tokens marked",
             "eval": "score a finished run on its test rows (base vs fine-tuned), update its eval.json",
             "generate": "answer --prompt / --prompts-file with a finished run (--compare: the base model beside it)",
             "merge": "merge a finished run's adapter into its base: a standalone model in <output_dir>/merged",
@@ -3121,6 +3393,7 @@ def parse_args(argv: list[str]):
     parser.add_argument("--prompt", action="append", default=[], help="generate: a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="generate: prompts, one per line or jsonl with a 'prompt' field")
     parser.add_argument("--compare", action="store_true", help="generate: also answer with the base model")
+    parser.add_argument("--rows", type=int, default=3, help="preview: rows to show of each dataset (default 3)")
     parser.add_argument("--type", choices=list(GGUF_TYPES.__args__), help="export: GGUF type (default: the run's "
                                                                           "export_gguf, else q8_0)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of any error "
@@ -3179,6 +3452,8 @@ def main(argv: list[str] | None = None) -> int:
                 estimate_run(cfg, args.estimate, args.device)
             elif args.validate or args.command == "validate":
                 validate_run(cfg)
+            elif args.command == "preview":
+                preview_run(cfg, args.rows, colour=sys.stdout.isatty())
             else:
                 if as_script:
                     maybe_reexec_with_fast_allocator()

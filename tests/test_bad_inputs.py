@@ -364,17 +364,31 @@ ROLE_CONTENT = "role.*content"
 MESSAGES = {
     "messages-is-a-string": ({"messages": "user: hi"}, ROLE_CONTENT),
     "messages-is-a-list-of-strings": ({"messages": ["hi", "hello"]}, ROLE_CONTENT),
-    "message-without-content": ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, ROLE_CONTENT),
+    "message-without-content": ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},
+                                "message 1: a user message needs text content"),
     "message-without-role": ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, ROLE_CONTENT),
     "message-with-null-content": ({"messages": [{"role": "user", "content": None},
                                                 {"role": "assistant", "content": "x"}]}, "content"),
     "conversation-without-assistant": (chat(("system", "s"), ("user", "a"), ("user", "b")), "assistant"),
     "conversation-opening-with-assistant": (chat(("assistant", "How can I help?"), ("user", "Joke?"),
                                                  ("assistant", "No.")), "starts with an assistant"),
+    "tool-call-without-function-name": ({"messages": [{"role": "user", "content": "Weather?"}, {
+        "role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": {}}}]}]},
+        r"message 2: tool_calls\[1\]: no function name"),
+    "tool-call-arguments-not-json": ({"messages": [{"role": "user", "content": "Weather?"}, {
+        "role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": Paris}'}}]}]},
+        r"message 2: tool_calls\[1\]: arguments of get_weather are not valid JSON"),
+    "tool-result-without-a-call": (chat(("user", "Weather?"), ("tool", "21 degrees"), ("assistant", "Warm.")),
+                                   "message 2: a tool result with no tool call before it"),
+    "tools-not-function-schemas": ({"tools": ["get_weather"], **GOOD_CHAT},
+                                   r"tools must be a list of function schemas .*item 1 is not"),
 }
 for _id, (_row, _says) in MESSAGES.items():
     add(f"jsonl-{_id}-on-row-2", lambda c, r=_row, s=_says: c.data(
         write_jsonl(c.tmp / "chat.jsonl", [GOOD_CHAT, r, GOOD_CHAT]), rf"{{path}}: row 2\b.*{s}"))
+add("jsonl-the-first-of-two-bad-conversations-is-named", lambda c: c.data(write_jsonl(c.tmp / "chat.jsonl", [
+    {"messages": "?"} if i in (4, 199) else GOOD_CHAT for i in range(300)]), r"{path}: row 5\b", validation_split=0.5))
 add("jsonl-null-text-on-row-2", lambda c: c.data(write_jsonl(c.tmp / "text.jsonl", [{"text": "a"}, {"text": None}]),
                                                  r"{path}:2: 'text' is NoneType"))
 
@@ -482,6 +496,10 @@ add("chat-rows-without-a-chat-template", lambda c: Bad(
     c.run(model_name=str(plain_model(c)), dataset_name=str(write_jsonl(c.tmp / "chat.jsonl", [
         chat(("user", "Hi"), ("assistant", "Hello"))] * 8)), prompt_format="raw"),
     r"chat messages need a chat template and this model has none: set chat_template \(chatml, gemma, llama3, qwen"))
+add("tools-with-a-template-that-does-not-render-them", lambda c: c.data(write_jsonl(c.tmp / "tools.jsonl", [
+    {"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}], **GOOD_CHAT}] * 8),
+    r"{path}: row \d+: the model's own chat template does not render its tools.*set chat_template to one that does "
+    r"\(qwen\)$"))
 add("chat-template-unknown-name", lambda c: Bad(c.run(chat_template="gemmma"), (
     r"chat_template: unknown template 'gemmma' \(did you mean 'gemma'\?\); built-in: chatml, gemma, llama3, qwen")))
 add("chat-template-file-not-found", lambda c: Bad(c.run(chat_template=str(c.tmp / "mine.jinja")),

@@ -336,6 +336,85 @@ def test_the_mix_depends_on_the_seed_alone(two_files, make_cfg, tokenizer):
     assert mixes[0] == mixes[1] != mixes[2]
 
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Agent data: tools, tool calls, tool results and reasoning traces
+# ---------------------------------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_ROW = {"tools": [WEATHER], "messages": [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                           "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "content": '{"celsius": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees in Paris."}]}
+THOUGHT_ROW = chat(("user", "What is 2+2?"), ("assistant", "<think>Two and two make four.</think>4"))
+
+
+def test_tool_calls_are_trained_and_the_tool_list_and_results_are_not(tmp_path, make_cfg, tokenizer):
+    cfg = make_cfg(dataset_name=str(write_jsonl(tmp_path / "tools.jsonl", [TOOL_ROW])), chat_template="qwen")
+    (example,), _ = tokenized(cfg, finetune.load_tokenizer(cfg))
+    ids, weights = example["input_ids"], example["loss_weights"]
+    assert runs(tokenizer, ids, weights, trained=True) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 21 degrees in Paris.<|im_end|>"]
+    untrained = "".join(runs(tokenizer, ids, weights, trained=False))
+    assert '"description": "The weather in a city."' in untrained and '<tool_response>\n{"celsius": 21}' in untrained
+
+
+@pytest.mark.parametrize("reasoning, shown, trained", [
+    ("train", "<think>\nTwo and two make four.\n</think>\n\n4", ["<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>"]),
+    ("mask", "<think>\nTwo and two make four.\n</think>\n\n4", ["4<|im_end|>"]),
+    ("drop", "4", ["4<|im_end|>"])])
+def test_reasoning_is_trained_shown_or_dropped(tmp_path, make_cfg, tokenizer, reasoning, shown, trained):
+    cfg = make_cfg(dataset_name=str(write_jsonl(tmp_path / "thought.jsonl", [THOUGHT_ROW])), chat_template="chatml",
+                   reasoning=reasoning)
+    (example,), _ = tokenized(cfg, finetune.load_tokenizer(cfg))
+    assert tokenizer.decode(example["input_ids"]) == (
+        f"<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n{shown}<|im_end|>\n")
+    assert runs(tokenizer, example["input_ids"], example["loss_weights"], trained=True) == trained
+
+
+def test_reasoning_content_renders_like_a_think_block(tmp_path, make_cfg, tokenizer):
+    as_field = {"messages": [{"role": "user", "content": "What is 2+2?"},
+                             {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}]}
+    rows = [tokenized(make_cfg(dataset_name=str(write_jsonl(tmp_path / f"{i}.jsonl", [row]))), tokenizer)[0]
+            for i, row in enumerate([as_field, THOUGHT_ROW])]
+    assert rows[0] == rows[1]
+
+
+def test_rows_with_and_without_reasoning_get_a_warning_with_the_counts(tmp_path, make_cfg, tokenizer, capsys):
+    plain = chat(("user", "What is 3+3?"), ("assistant", "6"))
+    tokenized(make_cfg(dataset_name=str(write_jsonl(tmp_path / "mixed.jsonl", [THOUGHT_ROW] * 2 + [plain] * 3))),
+              tokenizer)
+    assert "2 rows have a reasoning trace and 3 have none" in capsys.readouterr().out
+
+
+def test_a_tool_call_test_row_is_scored_against_the_call_the_template_writes(tmp_path, make_cfg, tokenizer):
+    row = {"tools": [WEATHER], "messages": TOOL_ROW["messages"][:2]}
+    cfg = make_cfg(test_dataset=str(write_jsonl(tmp_path / "test.jsonl", [row])), chat_template="qwen")
+    qwen = finetune.load_tokenizer(cfg)
+    (pair,) = pairs(cfg, qwen)
+    assert pair.reference == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert pair.calls == (("get_weather", {"city": "Paris"}),)
+    assert qwen.decode(pair.ids) == qwen.apply_chat_template(row["messages"][:1], tools=[WEATHER], tokenize=False,
+                                                             add_generation_prompt=True)
+
+
+def test_tool_call_scores_compare_names_and_parsed_arguments():
+    call = (("get_weather", {"city": "Paris", "days": 2}),)
+    answers = ['<tool_call>\n{"name": "get_weather", "arguments": {"days": 2, "city": "Paris"}}\n</tool_call>',
+               '<tool_call>{"name": "get_weather", "arguments": {"city": "Lyon", "days": 2}}</tool_call>',
+               '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", </tool_call>',
+               '<tool_call>{"name": "get_time", "arguments": {"city": "Paris", "days": 2}}</tool_call>',
+               "It is sunny."]
+    scores = finetune.score_answers(answers + ["4"], ["ref"] * 5 + ["4"], [call] * 5 + [None])
+    assert scores["tool_calls"] == 5
+    assert scores["tool_name_accuracy"] == 0.4  # the first two: the third's JSON is cut, so no name can be read
+    assert scores["arguments_valid_json"] == 0.6
+    assert scores["arguments_exact_match"] == 0.2
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Collator
 # ---------------------------------------------------------------------------------------------------------------------
