@@ -2,6 +2,8 @@
 
 demo_train/demo_test (prompt/completion): free-text assistant requests -> fixed JSON records.
 demo_chat_train/demo_chat_test (chat messages): a JSON record -> a one-line confirmation, with a system turn.
+demo_tools_train/demo_tools_test (chat messages with tools): a request -> a call of one of three functions; some
+training rows go on with the function's result and the assistant's answer.
 
 A tiny instruct model gets both formats wrong out of the box but learns them from a few
 hundred LoRA steps on a CPU, which makes them a quick, visible fine-tuning demo.
@@ -302,6 +304,76 @@ def make_chat_split(rng, size, holdout_p, seen):
     return rows
 
 
+def function(name, description, **parameters):
+    """A function schema as the chat-template API takes it; every parameter required."""
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {k: {"type": t} for k, t in parameters.items()}, "required": list(parameters)}}}
+
+
+TOOLS = [function("get_weather", "Weather in a city.", city="string"),
+         function("set_reminder", "Remind at a time (HH:MM).", task="string", time="string"),
+         function("convert_currency", "Convert money (ISO codes).", amount="number", from_currency="string",
+                  to_currency="string")]
+CURRENCIES = ["USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "SEK", "NOK", "MXN"]
+TOOL_TEMPLATES = {
+    "get_weather": [("what's the weather in {city}", False), ("is it raining in {city}?", False),
+                    ("tell me the weather for {city}", True), ("how warm is it in {city} right now", False),
+                    ("check the weather in {city}", True), ("{city} weather", False)],
+    "set_reminder": [("remind me to {task} at {time}", True), ("set a reminder at {time} to {task}", True),
+                     ("at {time} remind me to {task}", False), ("I need to {task} at {time}, remind me", False),
+                     ("ping me at {time} to {task}", True)],
+    "convert_currency": [("convert {amount} {from_currency} to {to_currency}", True),
+                         ("how much is {amount} {from_currency} in {to_currency}?", False),
+                         ("{amount} {from_currency} to {to_currency}", False),
+                         ("change {amount} {from_currency} into {to_currency}", True)],
+}
+
+
+def tool_call(rng, holdout_p):
+    """(request, function name, arguments) of one request for one of the three functions."""
+    name = rng.choice(list(TOOL_TEMPLATES))
+    if name == "get_weather":
+        arguments = {"city": pick_value(rng, CITIES, HOLDOUT_CITIES, holdout_p)}
+    elif name == "set_reminder":
+        arguments = {"task": pick_value(rng, TASKS, HOLDOUT_TASKS, holdout_p),
+                     "time": f"{rng.randint(6, 22):02d}:{rng.choice([0, 15, 30, 45]):02d}"}
+    else:
+        source, target = rng.sample(CURRENCIES, 2)
+        arguments = {"amount": rng.choice([5, 20, 50, 75, 100, 250, 300, 1200]) + rng.randint(0, 9),
+                     "from_currency": source, "to_currency": target}
+    template, imperative = rng.choice(TOOL_TEMPLATES[name])
+    return polish(rng, template.format(**arguments), imperative), name, arguments
+
+
+def tool_result(name, arguments):
+    """What the function answers, and the assistant's sentence about it."""
+    if name == "get_weather":
+        return {"celsius": 18, "sky": "cloudy"}, f"It is 18 degrees and cloudy in {arguments['city']}."
+    if name == "set_reminder":
+        return {"ok": True}, f"I will remind you to {arguments['task']} at {arguments['time']}."
+    return ({"result": round(arguments["amount"] * 1.1, 2)},
+            f"{arguments['amount']} {arguments['from_currency']} is {round(arguments['amount'] * 1.1, 2)} "
+            f"{arguments['to_currency']}.")
+
+
+def make_tools_split(rng, size, holdout_p, seen, answered_p):
+    """Rows of {tools, messages}: the request and the call; with probability answered_p, then the function's result
+    and the assistant's answer. Arguments are JSON strings, as OpenAI-style logs hold them."""
+    rows = []
+    while len(rows) < size:
+        text, name, arguments = tool_call(rng, holdout_p)
+        if text.lower() in seen:
+            continue
+        seen.add(text.lower())
+        call = {"type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+        messages = [{"role": "user", "content": text}, {"role": "assistant", "tool_calls": [call]}]
+        if rng.random() < answered_p:
+            result, answer = tool_result(name, arguments)
+            messages += [{"role": "tool", "content": json.dumps(result)}, {"role": "assistant", "content": answer}]
+        rows.append({"tools": TOOLS, "messages": messages})
+    return rows
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
@@ -314,6 +386,8 @@ def main():
     parser.add_argument("--test", type=int, default=60, help="number of held-out test rows")
     parser.add_argument("--chat-train", type=int, default=300, help="number of chat training conversations")
     parser.add_argument("--chat-test", type=int, default=30, help="number of held-out chat conversations")
+    parser.add_argument("--tools-train", type=int, default=300, help="number of tool-calling training rows")
+    parser.add_argument("--tools-test", type=int, default=60, help="number of held-out tool-calling rows")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="output folder")
     args = parser.parse_args()
@@ -324,9 +398,13 @@ def main():
     chat_rng, chat_seen = random.Random(SEED + 1), set()  # its own stream: the prompt/completion files stay as they are
     chat_train = make_chat_split(chat_rng, args.chat_train, 0.0, chat_seen)
     chat_test = make_chat_split(chat_rng, args.chat_test, TEST_HOLDOUT_P, chat_seen)
+    tools_rng, tools_seen = random.Random(SEED + 2), set()
+    tools_train = make_tools_split(tools_rng, args.tools_train, 0.0, tools_seen, answered_p=0.25)
+    tools_test = make_tools_split(tools_rng, args.tools_test, TEST_HOLDOUT_P, tools_seen, answered_p=0.0)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in [("demo_train.jsonl", train), ("demo_test.jsonl", test),
-                       ("demo_chat_train.jsonl", chat_train), ("demo_chat_test.jsonl", chat_test)]:
+                       ("demo_chat_train.jsonl", chat_train), ("demo_chat_test.jsonl", chat_test),
+                       ("demo_tools_train.jsonl", tools_train), ("demo_tools_test.jsonl", tools_test)]:
         path = args.out / name
         write_jsonl(path, rows)
         print(f"{path}: {len(rows)} rows")
