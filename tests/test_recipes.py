@@ -32,8 +32,8 @@ def recipe(path: Path) -> dict:
 
 def test_there_is_a_recipe_for_each_scenario():
     assert {p.stem for p in RECIPES} == {"lora", "qlora-4bit", "lora-8bit", "full-fine-tune", "chat-messages",
-                                         "function-calling", "hosted-lora", "mixed-datasets", "early-stopping", "llama2-7b-qlora-24gb",
-                                         "multi-gpu-ddp", "fsdp", "deepspeed-zero3"}
+                                         "function-calling", "hosted-lora", "mixed-datasets", "early-stopping",
+                                         "llama2-7b-qlora-24gb", "multi-gpu-ddp", "fsdp", "deepspeed-zero3"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
