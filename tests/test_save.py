@@ -11,7 +11,7 @@ import pytest
 
 import finetune
 from conftest import tiny_llama
-from helpers import assert_one_line_error, chat, plan_for, run_main, write_jsonl
+from helpers import ROOT, assert_one_line_error, chat, plan_for, run_main, write_jsonl
 
 
 def test_the_result_lies_at_the_root_of_output_dir_listed_by_its_marker(finished_run):
@@ -151,3 +151,19 @@ def test_a_chat_trained_model_stops_at_the_end_of_the_turn_in_plain_transformers
                                         return_tensors="pt", return_dict=True)["input_ids"]
     answer = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:]
     assert tokenizer.decode(answer) == "Hello there<|im_end|>"
+
+
+def test_a_tool_calling_run_saves_a_tokenizer_that_renders_its_prompts_with_the_same_tools(make_cfg, tmp_path):
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in (ROOT / "data" / "demo_tools_train.jsonl").read_text().splitlines()[:8]]
+    calls = [{"tools": r["tools"], "messages": r["messages"][:2]} for r in rows]
+    cfg = make_cfg(dataset_name=str(write_jsonl(tmp_path / "tools.jsonl", rows)), chat_template="qwen",
+                   test_dataset=str(write_jsonl(tmp_path / "test.jsonl", calls[:2])), validation_split=0)
+    out = finetune.run_training(cfg)
+    saved = AutoTokenizer.from_pretrained(out)
+    for row, pair in zip(calls, finetune.load_test_pairs(cfg, plan_for(cfg), finetune.load_tokenizer(cfg), [])):
+        text = saved.apply_chat_template(row["messages"][:1], tools=row["tools"], tokenize=False,
+                                         add_generation_prompt=True)
+        assert saved(text, add_special_tokens=False)["input_ids"] == pair.ids
+    assert json.loads((out / "eval.json").read_text())["fine_tuned"]["tool_calls"] == 2
