@@ -1259,8 +1259,8 @@ def token_cache_key(rows, source: Source, tokenizer, cfg: Config, plan: Plan) ->
     backend = getattr(tokenizer, "backend_tokenizer", None)
     settings = cfg.model_dump_json(include={"system_prompt", "seq_length", "long_examples", "prompt_loss_weight",
                                             "reasoning"})
-    identity = [TOKENIZATION, rows._fingerprint, settings, source.entry.model_dump_json(), source.format, plan.prompt_format,
-                tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id,
+    identity = [TOKENIZATION, rows._fingerprint, settings, source.entry.model_dump_json(), source.format,
+                plan.prompt_format, tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id,
                 getattr(tokenizer, "chat_template", None), backend.to_str() if backend else None]
     return hashlib.sha256("|".join(map(str, identity)).encode()).hexdigest()[:24]
 
