@@ -74,3 +74,20 @@ def test_a_library_failure_is_not_disguised_as_a_user_mistake(make_cfg, monkeypa
     with pytest.raises(RuntimeError, match="a bug inside the library"):
         finetune.main(["--validate", "model_name=" + make_cfg().model_name, "dataset_name=x.jsonl",
                        f"output_dir={tmp_path / 'out'}"])
+
+
+def test_preview_marks_the_trained_tokens_of_each_row_and_reads_no_weights(tmp_path, tiny_model, chat_file, capfd):
+    import shutil
+
+    weightless = shutil.copytree(tiny_model, tmp_path / "no-weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    code, out, err = run_main(capfd, "preview", "--rows", "2", f"model_name={weightless}", f"dataset_name={chat_file}",
+                              "prompt_format=chat", "eval_strategy=no", "validation_split=0", "test_dataset=null",
+                              f"output_dir={tmp_path / 'out'}")
+    assert code == 0, err
+    rows = [json.loads(line) for line in chat_file.read_text().splitlines()[:2]]
+    shown = out.split("\n--- dataset ")[1:]
+    assert len(shown) == 2 and not (tmp_path / "out").exists()
+    for block, row in zip(shown, rows):
+        header, text = block.split("\n", 1)
+        assert re.fullmatch(rf"{re.escape(str(chat_file))}, row \d+: \d+ tokens, \d+ trained", header)
+        assert f"[[{row['messages'][1]['content']}<|im_end|>]]" in text and text.count("[[") == 1

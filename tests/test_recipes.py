@@ -99,7 +99,7 @@ def small_copy(name: str, folder: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.stem not in NEEDS_GPU], ids=lambda p: p.stem)
-def test_recipe_trains_two_steps_on_the_tiny_model(path, tmp_path, tiny_model):
+def test_recipe_previews_and_trains_two_steps_on_the_tiny_model(path, tmp_path, tiny_model, capsys):
     values = recipe(path)
     data = values["dataset_name"]
     values["dataset_name"] = (small_copy(data, tmp_path) if isinstance(data, str) else
@@ -111,5 +111,8 @@ def test_recipe_trains_two_steps_on_the_tiny_model(path, tmp_path, tiny_model):
                   save_steps=1, eval_max_examples=2, eval_max_new_tokens=4, validation_split=0.25, precision="fp32")
     config = tmp_path / "recipe.yml"
     config.write_text(yaml.safe_dump(values))
+    finetune.preview_run(finetune.load_config(str(config)), rows=2, colour=False)
+    shown = capsys.readouterr().out.split("\n--- dataset ")[1:]
+    assert shown and all("[[" in row for row in shown)  # each previewed row shows what it trains
     out = finetune.run_training(finetune.load_config(str(config)))
     assert json.loads((out / "eval.json").read_text())["steps"] == 2
