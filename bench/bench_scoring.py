@@ -50,12 +50,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", metavar="OUT.json")
     args = parser.parse_args()
-    cfg = finetune.run_config(args.run, {}, "bench")
-    plan, tokenizer = finetune.run_plan(cfg, args.run)
-    if plan.prompt_format != "raw":
+    run = finetune.open_run(args.run)
+    cfg, tokenizer = run.cfg, run.tokenizer
+    if run.plan.prompt_format != "raw":
         sys.exit("the previous release scored raw prompts only: give a run trained with prompt_format: raw")
-    pairs = finetune.load_test_pairs(cfg, plan, tokenizer, finetune.load_sources(cfg) if not cfg.test_dataset else [])
-    model = finetune.load_finetuned(cfg, plan, args.run)
+    pairs, model = run.test_pairs, finetune.load_finetuned(run)
     results, answers = {"before": [], "after": []}, {}
     for _ in range(args.rounds):
         for kind in results:

@@ -66,22 +66,21 @@ def exact(answers: list[str], pairs) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--types", nargs="+", default=list(finetune.GGUF_FILE_TYPES))
+    parser.add_argument("--types", nargs="+", default=list(finetune.GGUF_TYPES.__args__))
     parser.add_argument("--llama-venv", type=Path, default=ROOT / "bench" / ".llama-venv")
     args = parser.parse_args()
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = finetune.run_config(args.run, {}, "bench")
-    plan, tokenizer = finetune.run_plan(cfg, args.run)
-    pairs = finetune.load_test_pairs(cfg, plan, tokenizer, finetune.load_sources(cfg) if not cfg.test_dataset else [])
-    merged, _ = finetune.merged_model(cfg, args.run)
-    reference, _ = finetune.generate_answers(merged.float(), tokenizer, [p.ids for p in pairs], cfg.eval_max_new_tokens)
+    run = finetune.open_run(args.run)
+    cfg, tokenizer, pairs = run.cfg, run.tokenizer, run.test_pairs
+    reference, _ = finetune.generate_answers(finetune.merged_model(run).float(), tokenizer, [p.ids for p in pairs],
+                                             cfg.eval_max_new_tokens)
     python = llama_python(args.llama_venv)
     rows = []
     for gguf_type in args.types:
         started = time.perf_counter()
-        path = finetune.export_run(cfg, args.run, gguf_type)
+        path = finetune.export_run(run, gguf_type)
         seconds = time.perf_counter() - started
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         via_transformers, _ = finetune.generate_answers(model, tokenizer, [p.ids for p in pairs],

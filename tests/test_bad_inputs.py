@@ -185,11 +185,24 @@ CONTRADICTIONS = {
 for _id, (_changes, _culprit) in CONTRADICTIONS.items():
     add(f"contradiction-{_id}", lambda c, ch=_changes, cu=_culprit: Bad(c.run(**ch), cu))
 
-# An export the GGUF writer cannot make is refused before training, not after it.
-add("export-gguf-of-an-unsupported-architecture",
-    lambda c: Bad(c.run(model_name=str(ROOT / finetune.SECOND_MODEL), export_gguf="q8_0"),
-                  r"export_gguf: .*gemma-3-270m is a Gemma3ForCausalLM, which cannot be exported to GGUF yet; "
-                  r"supported: LlamaForCausalLM.*set export_gguf: null"))
+# An export llama.cpp's converter cannot make is refused before training, not after it.
+@case("export-gguf-of-an-unsupported-architecture")
+def _(c):
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(c.model)
+    OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=16, word_embed_proj_dim=16, ffn_dim=32,
+                             num_hidden_layers=1, num_attention_heads=2)).save_pretrained(c.tmp / "opt")
+    tokenizer.save_pretrained(c.tmp / "opt")
+    return Bad(c.run(model_name=str(c.tmp / "opt"), export_gguf="q8_0"),
+               r"export_gguf: .*opt is a OPTForCausalLM, which llama.cpp's converter cannot turn into GGUF .*; "
+               r"set export_gguf: null$")
+
+
+# K-quants: gguf-py has no writer for them; the message lists the types that work.
+add("config-k-quant-gguf-type", lambda c: Bad(c.run(export_gguf="q4_k_m"),
+                                              r"export_gguf: 'q4_k_m' is a K-quant.*f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, or "
+                                              r"export f16 and run llama.cpp's llama-quantize"))
 
 # A memory budget: unreadable, or too small for the leanest settings (says by how much and what to change).
 add("max-memory-unreadable", lambda c: Bad(c.run(max_memory="lots"), r"max_memory: .*'lots'.*8GiB"))

@@ -41,14 +41,14 @@ def test_a_key_named_on_the_command_changes_that_key_only(run_copy, capfd):
     answer = stdout.split("--- fine-tuned\n")[1].strip()
     tokenizer = finetune.load_tokenizer(cfg)
     assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 2
-    assert finetune.run_config(out, {"eval_max_new_tokens": 2}, "x").model_name == cfg.model_name
+    assert finetune.open_run(out, {"eval_max_new_tokens": 2}).cfg.model_name == cfg.model_name
 
 
 def test_a_run_answers_prompts_in_the_format_it_trained_with(finished_run, raw_run):
     for (cfg, out), expected in ((finished_run, "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"),
                                  (raw_run, "hello")):
-        plan, tokenizer = finetune.run_plan(finetune.run_config(out, {}, "x"), out)
-        assert tokenizer.decode(finetune.prompt_ids(tokenizer, "hello", cfg, plan)).endswith(expected)
+        run = finetune.open_run(out)
+        assert run.tokenizer.decode(finetune.prompt_ids(run.tokenizer, "hello", cfg, run.plan)).endswith(expected)
 
 
 def test_eval_rescores_the_run_and_rewrites_its_eval_json(run_copy, capfd):
@@ -84,7 +84,7 @@ def merged_matches_adapter(cfg, out, merged_dir, atol: float):
 
 def test_merged_model_matches_base_plus_adapter_and_stops_where_the_run_stops(run_copy):
     cfg, out = run_copy
-    merged_dir = finetune.merge_run(finetune.run_config(out, {}, "x"), out)
+    merged_dir = finetune.merge_run(finetune.open_run(out))
     assert (merged_dir / "model.safetensors").exists() and not (merged_dir / "adapter_config.json").exists()
     merged_matches_adapter(cfg, out, merged_dir, atol=1e-4)
     assert json.loads((merged_dir / "generation_config.json").read_text())["eos_token_id"] == [2]
@@ -100,14 +100,14 @@ def test_a_dora_run_saves_reloads_merges_and_scores_like_lora(make_cfg, tmp_path
     assert any("lora_magnitude_vector" in name for name in load_file(out / "adapter_model.safetensors"))
     code, _, err = run_main(capfd, "eval", "--model", str(out))
     assert code == 0, err
-    merged_matches_adapter(cfg, out, finetune.merge_run(finetune.run_config(out, {}, "x"), out), atol=1e-4)
+    merged_matches_adapter(cfg, out, finetune.merge_run(finetune.open_run(out)), atol=1e-4)
 
 
 def test_qlora_merge_reloads_the_base_in_16_bit(make_cfg):
     from transformers import AutoModelForCausalLM
 
     out = finetune.run_training(make_cfg(load_in_4bit=True, precision="bf16", max_steps=2, learning_rate=5e-2))
-    merged_dir = finetune.merge_run(finetune.run_config(out, {}, "x"), out)
+    merged_dir = finetune.merge_run(finetune.open_run(out))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert all(type(m).__name__ != "Linear4bit" for m in merged.modules())
     assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())

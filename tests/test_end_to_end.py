@@ -36,14 +36,13 @@ def test_the_gguf_export_answers_as_the_merged_model(demo_run):
     from transformers import AutoModelForCausalLM
 
     out, _ = demo_run
-    cfg = finetune.run_config(out, {}, "test")
-    plan, tokenizer = finetune.run_plan(cfg, out)
-    prompts = [p.ids for p in finetune.load_test_pairs(cfg, plan, tokenizer, [])]
-    merged, _ = finetune.merged_model(cfg, out)
-    reference, _ = finetune.generate_answers(merged.float(), tokenizer, prompts, cfg.eval_max_new_tokens)
+    run = finetune.open_run(out)
+    cfg, tokenizer, prompts = run.cfg, run.tokenizer, [p.ids for p in run.test_pairs]
+    reference, _ = finetune.generate_answers(finetune.merged_model(run).float(), tokenizer, prompts,
+                                             cfg.eval_max_new_tokens)
     agreement = {}
     for gguf_type in ("f16", "q8_0"):
-        path = finetune.export_run(cfg, out, gguf_type)
+        path = finetune.export_run(run, gguf_type)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         answers, _ = finetune.generate_answers(model, tokenizer, prompts, cfg.eval_max_new_tokens)
         agreement[gguf_type] = sum(a == b for a, b in zip(answers, reference)) / len(reference)

@@ -13,12 +13,11 @@ import torch
 
 import finetune
 from conftest import tiny_llama, trained_run
-from helpers import ROOT, assert_one_line_error, run_main, snapshot, write_jsonl
+from helpers import ROOT, VOCAB, assert_one_line_error, run_main, snapshot, write_jsonl
 
 
 def exported(out, gguf_type: str):
-    cfg = finetune.run_config(out, {}, "test")
-    return finetune.export_run(cfg, out, gguf_type)
+    return finetune.export_run(finetune.open_run(out), gguf_type)
 
 
 def gguf_answers(path, pairs, max_new_tokens: int = 8) -> list[str]:
@@ -34,11 +33,9 @@ def exports(finished_run, tmp_path_factory):
     """finished_run (a chat-format LoRA run) copied, exported to f16, bf16 and q8_0; with its merged answers."""
     _, original = finished_run
     out = shutil.copytree(original, tmp_path_factory.mktemp("export") / "run")
-    cfg = finetune.run_config(out, {}, "test")
-    plan, tokenizer = finetune.run_plan(cfg, out)
-    pairs = finetune.load_test_pairs(cfg, plan, tokenizer, [])
-    merged, _ = finetune.merged_model(cfg, out)
-    reference = finetune.generate_answers(merged, tokenizer, [p.ids for p in pairs], 8)[0]
+    run = finetune.open_run(out)
+    pairs = run.test_pairs
+    reference = finetune.generate_answers(finetune.merged_model(run), run.tokenizer, [p.ids for p in pairs], 8)[0]
     return out, pairs, reference, {t: exported(out, t) for t in ("f16", "bf16", "q8_0")}
 
 
@@ -60,7 +57,7 @@ def test_each_quantized_file_keeps_the_weights_within_its_rounding(exports, gguf
 
     out = exports[0]
     path = exported(out, gguf_type)
-    merged, _ = finetune.merged_model(finetune.run_config(out, {}, "test"), out)
+    merged = finetune.merged_model(finetune.open_run(out))
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     for name, weight in merged.state_dict().items():
         if name.endswith("proj.weight"):
@@ -109,30 +106,75 @@ def test_untied_embeddings_and_rope_scaling_come_through(tmp_path, embedded_mode
         == (32, "linear", 2.0)
 
 
-def test_a_quantized_type_that_does_not_fit_the_tensor_shapes_is_refused_naming_them(tmp_path, embedded_model,
-                                                                                      pc_rows, capfd):
-    model = tiny_llama(tmp_path / "odd", embedded_model, intermediate_size=80)
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0"])
+def test_matrices_whose_rows_do_not_fit_the_blocks_are_kept_in_f16_as_llama_cpp_does(tmp_path, embedded_model, pc_rows,
+                                                                                   gguf_type):
+    model = tiny_llama(tmp_path / "odd", embedded_model, intermediate_size=80)  # ffn_down rows: 80, not a multiple of 32
     _, out = trained_run(tmp_path, model, write_jsonl(tmp_path / "d.jsonl", pc_rows), max_steps=1)
-    assert_one_line_error(*run_main(capfd, "export", "--model", str(out), "--type", "q8_0"),
-                          r"q8_0 stores rows in blocks of 32.*down_proj.*export f16 or bf16 instead")
-    assert not (out / "gguf" / "run-q8_0.gguf").exists()
-    assert run_main(capfd, "export", "--model", str(out), "--type", "f16")[0] == 0
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(exported(out, gguf_type)).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == gguf_type.upper()
 
 
-def test_an_architecture_without_a_gguf_form_is_refused_naming_those_that_have_one(tmp_path, embedded_model,
-                                                                                    pc_rows, capfd):
-    from transformers import AutoTokenizer, GemmaConfig, GemmaForCausalLM
+# Tiny random-weight models of the families users bring, built from their configs, each with its family's real
+# tokenizer (llama.cpp's vocabulary-only GGUF files, which setup.sh puts in models/vocab; Gemma's own):
+# family -> (model_type, config changes, tokenizer, GGUF architecture).
+FAMILIES = {
+    "qwen2": ("qwen2", {}, "qwen2", "qwen2"),
+    "qwen3": ("qwen3", {}, "qwen2", "qwen3"),
+    "llama3": ("llama", {"rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 1024}}, "llama-bpe", "llama"),
+    "mistral": ("mistral", {"sliding_window": None}, "llama-spm", "llama"),
+    "gemma3": ("gemma3_text", {}, "gemma", "gemma3"),
+    "phi3": ("phi3", {"tie_word_embeddings": False}, "phi-3", "phi3"),
+}
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+
+@pytest.fixture(scope="module")
+def family_tokenizers(tmp_path_factory, gemma_model) -> dict:
+    from transformers import AutoTokenizer
+
+    folders = {"gemma": gemma_model}
+    for name in ("qwen2", "llama-bpe", "llama-spm", "phi-3"):
+        if not (VOCAB / f"ggml-vocab-{name}.gguf").exists():
+            pytest.fail(f"{VOCAB} is missing: run ./setup.sh first")
+        folders[name] = tmp_path_factory.mktemp(name)
+        AutoTokenizer.from_pretrained(VOCAB, gguf_file=f"ggml-vocab-{name}.gguf").save_pretrained(folders[name])
+    return folders
+
+
+def tiny_family_model(out, family: str, tokenizer_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(FAMILIES[family][0], **{
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2048,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, **FAMILIES[family][1]})
     torch.manual_seed(0)
-    GemmaForCausalLM(GemmaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, head_dim=32)).save_pretrained(
-        tmp_path / "gemma")
-    tokenizer.save_pretrained(tmp_path / "gemma")
-    _, out = trained_run(tmp_path, tmp_path / "gemma", write_jsonl(tmp_path / "d.jsonl", pc_rows), max_steps=1)
-    assert_one_line_error(*run_main(capfd, "export", "--model", str(out)),
-                          r"^error: export: .* is a GemmaForCausalLM, which cannot be exported to GGUF yet; supported: "
-                          r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM$")
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_trains_merges_exports_and_reads_back_as_the_merged_model(family, tmp_path,
+                                                                             family_tokenizers, pc_rows):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_family_model(tmp_path / family, family, family_tokenizers[FAMILIES[family][2]])
+    _, out = trained_run(tmp_path, model, write_jsonl(tmp_path / "d.jsonl", pc_rows[:8]), max_steps=2,
+                         merge_adapter=True, eval_strategy="no", validation_split=0, test_dataset=None)
+    run = finetune.open_run(out)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    ids = run.tokenizer("Request: a table for two at 7pm\nJSON:", return_tensors="pt").input_ids
+    path = finetune.export_run(run, "f16")  # the 4- and 5-bit path is the same for every family: tested above
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == FAMILIES[family][3]
+    read_back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        expected, got = merged(ids).logits, read_back(ids).logits
+    assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
 EXPORT_UNDER_A_SIZE_LIMIT = """\

@@ -27,8 +27,8 @@ def gemma_run(folder, model, train, test, **settings):
     """A short run of Gemma on the first rows of a demo file, scoring three test rows before and after."""
     data = write_jsonl(folder / "train.jsonl", first_rows(train, 8))
     tests = write_jsonl(folder / "test.jsonl", first_rows(test, 3))
-    cfg = finetune.Config(**GEMMA_FAST, model_name=str(model), dataset_name=str(data), test_dataset=str(tests),
-                          output_dir=str(folder / "run"), **settings)
+    cfg = finetune.Config(**{**GEMMA_FAST, **settings}, model_name=str(model), dataset_name=str(data),
+                          test_dataset=str(tests), output_dir=str(folder / "run"))
     return finetune.run_training(cfg)
 
 

@@ -81,8 +81,8 @@ def test_a_result_cut_off_before_its_marker_is_refused_by_every_reader(run_copy,
 def test_a_failed_final_save_leaves_the_earlier_result_whole(run_copy, monkeypatch):
     cfg, out = run_copy
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
-    plan, tokenizer = finetune.run_plan(cfg, out)
-    model = finetune.load_finetuned(cfg, plan, out)
+    run = finetune.open_run(out)
+    model, tokenizer, plan = finetune.load_finetuned(run), run.tokenizer, run.plan
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -141,7 +141,7 @@ def test_a_chat_trained_model_stops_at_the_end_of_the_turn_in_plain_transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = write_jsonl(tmp_path / "hi.jsonl", [chat(("user", "Say hi"), ("assistant", "Hello there"))] * 16)
-    cfg = make_cfg(model_name=str(eos_apart_model), dataset_name=str(data), use_peft=False, max_steps=30,
+    cfg = make_cfg(model_name=str(eos_apart_model), dataset_name=str(data), use_peft=False, max_steps=60,
                    batch_size=8, learning_rate=1e-2, validation_split=0)
     out = finetune.run_training(cfg)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [0, 2]
