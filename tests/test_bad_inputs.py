@@ -200,9 +200,9 @@ def _(c):
 
 
 # K-quants: gguf-py has no writer for them; the message lists the types that work.
-add("config-k-quant-gguf-type", lambda c: Bad(c.run(export_gguf="q4_k_m"),
-                                              r"export_gguf: 'q4_k_m' is a K-quant.*f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, or "
-                                              r"export f16 and run llama.cpp's llama-quantize"))
+add("config-k-quant-gguf-type",
+    lambda c: Bad(c.run(export_gguf="q4_k_m"), r"export_gguf: 'q4_k_m' is a K-quant.*f16, bf16, q8_0, q5_1, q5_0, "
+                                               r"q4_1, q4_0, or export f16 and run llama.cpp's llama-quantize"))
 
 # A memory budget: unreadable, or too small for the leanest settings (says by how much and what to change).
 add("max-memory-unreadable", lambda c: Bad(c.run(max_memory="lots"), r"max_memory: .*'lots'.*8GiB"))

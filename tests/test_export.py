@@ -13,7 +13,8 @@ import torch
 
 import finetune
 from conftest import tiny_llama, trained_run
-from helpers import ROOT, VOCAB, assert_one_line_error, run_main, snapshot, write_jsonl
+from export_families import FAMILIES, family_tokenizer, tiny_family_model
+from helpers import ROOT, assert_one_line_error, run_main, snapshot, write_jsonl
 
 
 def exported(out, gguf_type: str):
@@ -109,53 +110,17 @@ def test_untied_embeddings_and_rope_scaling_come_through(tmp_path, embedded_mode
 @pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0"])
 def test_matrices_whose_rows_do_not_fit_the_blocks_are_kept_in_f16_as_llama_cpp_does(tmp_path, embedded_model, pc_rows,
                                                                                    gguf_type):
-    model = tiny_llama(tmp_path / "odd", embedded_model, intermediate_size=80)  # ffn_down rows: 80, not a multiple of 32
+    model = tiny_llama(tmp_path / "odd", embedded_model, intermediate_size=80)  # ffn_down rows of 80: not 32s
     _, out = trained_run(tmp_path, model, write_jsonl(tmp_path / "d.jsonl", pc_rows), max_steps=1)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(exported(out, gguf_type)).tensors}
     assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == gguf_type.upper()
 
 
-# Tiny random-weight models of the families users bring, built from their configs, each with its family's real
-# tokenizer (llama.cpp's vocabulary-only GGUF files, which setup.sh puts in models/vocab; Gemma's own):
-# family -> (model_type, config changes, tokenizer, GGUF architecture).
-FAMILIES = {
-    "qwen2": ("qwen2", {}, "qwen2", "qwen2"),
-    "qwen3": ("qwen3", {}, "qwen2", "qwen3"),
-    "llama3": ("llama", {"rope_theta": 500000.0, "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 1024}}, "llama-bpe", "llama"),
-    "mistral": ("mistral", {"sliding_window": None}, "llama-spm", "llama"),
-    "gemma3": ("gemma3_text", {}, "gemma", "gemma3"),
-    "phi3": ("phi3", {"tie_word_embeddings": False}, "phi-3", "phi3"),
-}
-
-
 @pytest.fixture(scope="module")
-def family_tokenizers(tmp_path_factory, gemma_model) -> dict:
-    from transformers import AutoTokenizer
-
-    folders = {"gemma": gemma_model}
-    for name in ("qwen2", "llama-bpe", "llama-spm", "phi-3"):
-        if not (VOCAB / f"ggml-vocab-{name}.gguf").exists():
-            pytest.fail(f"{VOCAB} is missing: run ./setup.sh first")
-        folders[name] = tmp_path_factory.mktemp(name)
-        AutoTokenizer.from_pretrained(VOCAB, gguf_file=f"ggml-vocab-{name}.gguf").save_pretrained(folders[name])
-    return folders
-
-
-def tiny_family_model(out, family: str, tokenizer_dir):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = AutoConfig.for_model(FAMILIES[family][0], **{
-        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2048,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id, **FAMILIES[family][1]})
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+def family_tokenizers(tmp_path_factory) -> dict:
+    """The real tokenizers of the families (llama.cpp's vocabulary-only GGUF files, Gemma 3's own), as folders."""
+    return {name: family_tokenizer(name, tmp_path_factory.mktemp(name))
+            for name in {tokenizer for _, _, tokenizer, _ in FAMILIES.values()}}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
