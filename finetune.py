@@ -2624,7 +2624,8 @@ def merge_run(run: FinishedRun) -> Path:
 # against) in a folder of its own; it runs in a process of its own, so its gguf never meets the one we pin.
 GGUF_CONVERTER = Path(sys.prefix) / "gguf-converter"
 CONVERTER_TYPES = ("f16", "bf16", "q8_0")  # written by the converter; the 4- and 5-bit types are quantized from its f32
-DISK_FULL = re.compile(r"\[Errno (28|27|122)\]|requested and \d+ written")  # ENOSPC, EFBIG, EDQUOT, numpy's tofile
+# ENOSPC, EFBIG, EDQUOT as Python, the converter's traceback and safetensors report them; numpy's tofile gives counts
+DISK_FULL = re.compile(r"\[Errno (28|27|122)\]|os error (28|27|122)|requested and \d+ written")
 
 
 def export_run(run: FinishedRun, gguf_type: str) -> Path:
@@ -2644,8 +2645,8 @@ def export_run(run: FinishedRun, gguf_type: str) -> Path:
         os.replace(tmp, out)
         ollama = ollama_modelfile(out.name, run.tokenizer, run.cfg)
         write_file_atomically(out.with_suffix(".Modelfile"), ollama.encode())
-    except OSError as e:
-        if not (DISK_FULL.search(str(e)) or DISK_FULL.search(f"[Errno {e.errno}]")):
+    except Exception as e:  # a full disk, however reported (safetensors has its own error), is for the user to fix
+        if not (DISK_FULL.search(str(e)) or isinstance(e, OSError) and DISK_FULL.search(f"[Errno {e.errno}]")):
             raise
         raise UserError(f"export: cannot write {out.parent} (the disk is full); free some space and run export "
                         f"again; nothing there was replaced") from None

@@ -45,7 +45,7 @@ import numpy as np
 from llama_cpp import Llama
 llm = Llama(model_path=sys.argv[1], n_ctx=256, seed=0, logits_all=True, verbose=False)
 llm.eval(json.load(sys.stdin))
-print(json.dumps(np.asarray(llm.scores[:llm.n_tokens], dtype=float).tolist()))
+np.save(sys.argv[2], np.asarray(llm.scores[:llm.n_tokens], dtype=np.float32))
 """
 
 
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=list(finetune.GGUF_TYPES.__args__))
     parser.add_argument("--llama-venv", type=Path, default=ROOT / "bench" / ".llama-venv")
     args = parser.parse_args()
+    import numpy as np
     import torch
     from export_check import llama_python
     from transformers import AutoModelForCausalLM
@@ -109,9 +110,9 @@ def main() -> None:
                 started = time.perf_counter()
                 path = finetune.export_run(run, gguf_type)
                 seconds = time.perf_counter() - started
-                done = subprocess.run([python, "-c", LLAMA_LOGITS, str(path)], input=json.dumps(ids),
-                                      capture_output=True, text=True, check=True)
-                logits = torch.tensor(json.loads(done.stdout), dtype=torch.float32)
+                subprocess.run([python, "-c", LLAMA_LOGITS, str(path), str(folder / "logits.npy")],
+                               input=json.dumps(ids), capture_output=True, text=True, check=True)
+                logits = torch.from_numpy(np.load(folder / "logits.npy"))
                 rows.append({"family": family, "type": gguf_type, "mib": path.stat().st_size / 2**20,
                              "export_s": seconds, "positions": len(ids),
                              "same_choice": int((logits.argmax(-1) == reference.argmax(-1)).sum()),
