@@ -2646,7 +2646,7 @@ def export_run(run: FinishedRun, gguf_type: str) -> Path:
         ollama = ollama_modelfile(out.name, run.tokenizer, run.cfg)
         write_file_atomically(out.with_suffix(".Modelfile"), ollama.encode())
     except Exception as e:  # a full disk, however reported (safetensors has its own error), is for the user to fix
-        if not (DISK_FULL.search(str(e)) or isinstance(e, OSError) and DISK_FULL.search(f"[Errno {e.errno}]")):
+        if not DISK_FULL.search(str(e)):  # an OSError's text starts with its "[Errno N]"
             raise
         raise UserError(f"export: cannot write {out.parent} (the disk is full); free some space and run export "
                         f"again; nothing there was replaced") from None
@@ -2755,8 +2755,8 @@ def convert_to_gguf(source: Path, dest: Path, outtype: str) -> None:
                            "--outtype", outtype], env={**os.environ, "PYTHONPATH": path}, capture_output=True,
                           text=True)
     if done.returncode:
-        if DISK_FULL.search(done.stderr):
-            raise OSError(DISK_FULL.search(done.stderr)[0])
+        if full := DISK_FULL.search(done.stderr):
+            raise OSError(full[0])
         if "BPE pre-tokenizer was not recognized" in done.stderr:
             raise UserError("export: llama.cpp does not know this tokenizer's pre-tokenizer, so it would split text "
                             "differently from training; export is refused rather than silently wrong (serve the "

@@ -14,7 +14,7 @@ import torch
 import finetune
 from conftest import tiny_llama, trained_run
 from export_families import FAMILIES, family_tokenizer, tiny_family_model
-from helpers import ROOT, assert_one_line_error, run_main, snapshot, write_jsonl
+from helpers import ROOT, assert_one_line_error, snapshot, write_jsonl
 
 
 def exported(out, gguf_type: str):
