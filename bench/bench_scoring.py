@@ -65,7 +65,7 @@ def main() -> None:
             else:
                 with finetune.adapter_merged(model):
                     answers[kind], tokens = finetune.generate_answers(model, tokenizer, [p.ids for p in pairs],
-                                                                      cfg.eval_max_new_tokens)
+                                                                      cfg.eval_max_new_tokens, run.plan.stop_ids)
             results[kind].append(time.perf_counter() - started)
     medians = {kind: statistics.median(seconds) for kind, seconds in results.items()}
     same = sum(a == b for a, b in zip(answers["before"], answers["after"]))

@@ -157,7 +157,7 @@ def our_trainer(data: Path, out: Path, args: argparse.Namespace):
                  f"peft_lora_alpha={LORA_ALPHA}", f"learning_rate={LEARNING_RATE}", f"output_dir={out}",
                  f"logging_steps={log_every(args.steps)}", "prompt_format=raw"]  # TRL's rows are raw prompts too
     cfg = finetune.load_config(None, overrides)
-    lock = finetune.prepared_run(cfg, hold_lock=True)
+    lock = finetune.prepared_run(cfg)
     run = lock.__enter__()  # held until the child exits
     trainer = finetune.make_trainer(cfg, run, finetune.build_model(cfg, run.plan))
     return trainer, lambda: trainer.trained_tokens, run.plan.precision

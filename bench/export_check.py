@@ -75,7 +75,7 @@ def main() -> None:
     run = finetune.open_run(args.run)
     cfg, tokenizer, pairs = run.cfg, run.tokenizer, run.test_pairs
     reference, _ = finetune.generate_answers(finetune.merged_model(run).float(), tokenizer, [p.ids for p in pairs],
-                                             cfg.eval_max_new_tokens)
+                                             cfg.eval_max_new_tokens, run.plan.stop_ids)
     python = llama_python(args.llama_venv)
     rows = []
     for gguf_type in args.types:
@@ -84,7 +84,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         via_transformers, _ = finetune.generate_answers(model, tokenizer, [p.ids for p in pairs],
-                                                        cfg.eval_max_new_tokens)
+                                                        cfg.eval_max_new_tokens, run.plan.stop_ids)
         done = subprocess.run([python, "-c", LLAMA_GREEDY, str(path), str(cfg.eval_max_new_tokens)],
                               input=json.dumps([p.ids for p in pairs]), capture_output=True, text=True, check=True)
         via_llama = tokenizer.batch_decode(json.loads(done.stdout), skip_special_tokens=True)

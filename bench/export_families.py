@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import finetune  # noqa: E402
 
-VOCAB = ROOT / "models" / "vocab"  # llama.cpp's vocabulary-only GGUF files of other families (setup.sh)
+VOCAB = ROOT / "models" / "vocab"  # llama.cpp's vocabulary-only GGUF files (./setup.sh --test-models)
 # family -> (model_type, config changes, tokenizer (a file in VOCAB, or Gemma's own), GGUF architecture)
 FAMILIES = {
     "qwen2": ("qwen2", {}, "qwen2", "qwen2"),
@@ -56,7 +56,7 @@ def family_tokenizer(name: str, folder: Path) -> Path:
     if name == "gemma":
         return ROOT / finetune.SECOND_MODEL
     if not (VOCAB / f"ggml-vocab-{name}.gguf").exists():
-        sys.exit(f"{VOCAB} is missing: run ./setup.sh first")
+        sys.exit(f"{VOCAB} is missing: run ./setup.sh --test-models first")
     AutoTokenizer.from_pretrained(VOCAB, gguf_file=f"ggml-vocab-{name}.gguf").save_pretrained(folder)
     return folder
 

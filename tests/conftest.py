@@ -3,6 +3,7 @@ disk, a Config factory pointing at them, and finished runs trained once per sess
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,21 @@ def embedded_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def gemma_model() -> Path:
-    path = ROOT / finetune.SECOND_MODEL
-    if not (path / "model.safetensors").exists():
-        pytest.fail(f"{path} is missing: run ./setup.sh first")
-    return path
+def test_models() -> Path:
+    """models/ with what only the tests use, Gemma 3 270M and llama.cpp's vocabulary files: prepared by
+    ./setup.sh --test-models when missing (once per machine: it keeps them in ~/.cache/finetune-py)."""
+    models = ROOT / "models"
+    if not ((models / "gemma-3-270m" / "model.safetensors").exists()
+            and (models / "vocab" / "ggml-vocab-phi-3.gguf").exists()):
+        done = subprocess.run(["bash", str(ROOT / "setup.sh"), "--test-models"], capture_output=True, text=True)
+        if done.returncode:
+            pytest.fail(f"./setup.sh --test-models failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return models
+
+
+@pytest.fixture(scope="session")
+def gemma_model(test_models) -> Path:
+    return ROOT / finetune.SECOND_MODEL
 
 
 def tiny_llama(out: Path, tokenizer_dir: Path, **changes) -> Path:
@@ -88,6 +99,19 @@ def make_cfg(tmp_path, tiny_model, pc_file):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# The shipped config.yml, shortened to a few minutes' worth of the default job: what test_end_to_end checks.
+SHORT_DEMO = ("max_steps=16", "eval_steps=8", "save_steps=8", "eval_max_examples=20")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, embedded_model) -> tuple[Path, str]:
+    """The default job (config.yml, SHORT_DEMO) run once as a user runs it, in its own process: (output_dir, stdout)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = run_cli("--config", str(ROOT / "config.yml"), f"output_dir={out}", *SHORT_DEMO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result.stdout
 
 
 def trained_run(folder: Path, tiny_model: Path, data: Path, **overrides) -> tuple[finetune.Config, Path]:

@@ -34,7 +34,9 @@ ONE_STEP = dict(FAST, max_steps=1, validation_split=0)
 
 def plan_for(cfg: finetune.Config, tokenizer=None) -> finetune.Plan:
     """The plan a run of cfg makes on this machine (with cfg's own tokenizer unless one is given)."""
-    return finetune.make_plan(cfg, tokenizer or finetune.load_tokenizer(cfg), finetune.load_model_config(cfg))
+    formats = [source.format for source in finetune.load_sources(cfg)] if cfg.dataset_name else []
+    return finetune.make_plan(cfg, tokenizer or finetune.load_tokenizer(cfg), finetune.load_model_config(cfg),
+                              finetune.this_machine(), formats)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -10,10 +10,13 @@ as a user's shell sees them. The last tests cover inputs that are not refused, b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,6 +49,7 @@ class Bad:
     argv: list[str]
     culprit: str
     env: dict[str, str] = field(default_factory=dict)
+    unreadable: bool = False  # a file the user cannot read: root, who reads any, runs the case without that right
 
 
 @dataclass
@@ -138,7 +142,6 @@ add("config-not-utf8", lambda c: Bad(["--config", p := c.config("output_dir: caf
                                      rf"{re.escape(p)}: not UTF-8"))
 add("config-unknown-key", lambda c: Bad(c.run(lerning_rate=0.1), r"unknown key 'lerning_rate'.*'learning_rate'"))
 add("config-missing", lambda c: Bad(["--config", p := str(c.tmp / "nope.yml")], rf"not found: {re.escape(p)}"))
-# Tests run as root here, where chmod 000 does not stop reading: a folder given as --config is unreadable as a file.
 add("config-is-a-directory", lambda c: Bad(["--config", str(c.tmp)], re.escape(str(c.tmp))))
 add("config-bool-for-number", lambda c: Bad(["--config", c.config("learning_rate: yes\n")],
                                              r"learning_rate: expected a number"))
@@ -155,11 +158,9 @@ add("config-unknown-prompt-format", lambda c: Bad(c.run(prompt_format="alpaca"),
 
 @case("config-unreadable-chmod-000")
 def _(c):
-    if os.geteuid() == 0:
-        pytest.skip("root reads a chmod 000 file; config-is-a-directory covers unreadable configs")
     path = c.config()
     os.chmod(path, 0)
-    return Bad(["--config", path], re.escape(path))
+    return Bad(["--config", path], re.escape(path), unreadable=True)
 
 
 # Contradictions: each names both sides.
@@ -340,7 +341,7 @@ add("data-folder-of-unsupported-files", lambda c: c.data(folder(c, "docs", {"not
                                                          r"{path} holds no"))
 add("data-folder-mixing-types", lambda c: c.data(
     folder(c, "mixed", {"a.jsonl": json_lines(good_rows(3)), "b.csv": "prompt,completion\na,b\n"}), r"{path} mixes"))
-# Unreadable even for root: a folder named like a data file, inside the dataset folder.
+# A folder named like a data file, inside the dataset folder.
 add("data-folder-holding-a-folder-named-jsonl", lambda c: c.data(
     folder(c, "parts", {"a.jsonl": json_lines(good_rows(3)), "b.jsonl/x": b""}), r"{path}.*b\.jsonl"))
 
@@ -354,11 +355,9 @@ def _(c):
 
 @case("data-unreadable-chmod-000")
 def _(c):
-    if os.geteuid() == 0:
-        pytest.skip("root reads a chmod 000 file; data-folder-holding-a-folder-named-jsonl covers unreadable data")
     path = write_jsonl(c.tmp / "secret.jsonl", c.rows)
     os.chmod(path, 0)
-    return c.data(path, r"{path}")
+    return dataclasses.replace(c.data(path, r"{path}"), unreadable=True)
 
 
 add("data-hub-id-offline", lambda c: Bad(c.run(dataset_name="someone/nonexistent-dataset"),
@@ -573,13 +572,27 @@ def ctx(tmp_path, tiny_model, pc_rows):
         handle.close()
 
 
+# Root reads any file, chmod 000 or not; without these two capabilities it reads as its owner, like any user.
+WITHOUT_READING_EVERY_FILE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+                              "-dac_override,-dac_read_search", sys.executable, str(ROOT / "finetune.py")]
+
+
+def refusal(bad: Bad, capfd) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the case, run in-process; an unreadable file's case, under root, as a process
+    that cannot read it."""
+    if bad.unreadable and os.geteuid() == 0:
+        done = subprocess.run([*WITHOUT_READING_EVERY_FILE, *bad.argv], capture_output=True, text=True, timeout=300)
+        return done.returncode, done.stdout, done.stderr
+    return run_main(capfd, *bad.argv)
+
+
 @pytest.mark.parametrize("case_id", CASES)
 def test_bad_input_is_refused_in_one_line_and_leaves_output_dir_alone(case_id, ctx, capfd, monkeypatch):
     bad = CASES[case_id](ctx)
     for name, value in bad.env.items():
         offline(monkeypatch) if name == "HF_HUB_OFFLINE" else monkeypatch.setenv(name, value)
     before = snapshot(ctx.old_run)
-    assert_one_line_error(*run_main(capfd, *bad.argv), bad.culprit)
+    assert_one_line_error(*refusal(bad, capfd), bad.culprit)
     assert snapshot(ctx.old_run) == before
 
 

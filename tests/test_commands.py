@@ -2,11 +2,13 @@
 ./config.yml says, and changes only the keys named on its command line."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 import finetune
+from conftest import trained_run
 from helpers import assert_one_line_error, run_main, write_config, write_jsonl
 
 IDS = torch.tensor([[1, 200, 3000, 4000, 17]])
@@ -126,3 +128,45 @@ def test_a_full_fine_tune_loads_with_transformers_and_needs_no_merge(full_run, t
     tuned, base = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(tiny_model)
     assert not torch.allclose(tuned(IDS).logits, base(IDS).logits)
     assert_one_line_error(*run_main(capfd, "merge", "--model", str(out)), "already standalone")
+
+
+@pytest.fixture
+def own_base(tmp_path, tiny_model, pc_rows):
+    """A finished LoRA run whose base model is a folder of its own, to change after training: (base, run folder)."""
+    base = shutil.copytree(tiny_model, tmp_path / "base")
+    _, out = trained_run(tmp_path, base, write_jsonl(tmp_path / "train.jsonl", pc_rows[:16]), max_steps=2,
+                         eval_strategy="no", validation_split=0)
+    return base, out
+
+
+def change_config(folder, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+FINISHED_RUN_COMMANDS = [["eval"], ["generate", "--prompt", "Request: call mom at 9\nJSON:"], ["merge"],
+                         ["export", "--type", "f16"]]
+
+
+def test_commands_use_the_plan_the_run_saved_not_one_made_again_from_the_base(own_base, capfd):
+    base, out = own_base
+    plan, scores = finetune.saved_plan(out), json.loads((out / "eval.json").read_text())["fine_tuned"]
+    # Planned again, the changed base would be a raw-prompt model (no chat template), stored in fp16, of an
+    # architecture llama.cpp's converter refuses; the run keeps its chat prompts, its dtype and its export.
+    (base / "chat_template.jinja").unlink()
+    change_config(base, architectures=["OPTForCausalLM"], dtype="float16")
+    for command in FINISHED_RUN_COMMANDS:
+        code, stdout, err = run_main(capfd, *command, "--model", str(out))
+        assert code == 0, (command, err)
+    assert json.loads((out / "eval.json").read_text())["fine_tuned"] == scores
+    assert json.loads((out / "merged" / "config.json").read_text())["dtype"] == plan.base_dtype == "float32"
+    assert (out / "gguf" / "run-f16.gguf").is_file() and finetune.saved_plan(out) == plan
+
+
+def test_commands_refuse_a_base_that_is_no_longer_the_one_the_run_trained_on(own_base, capfd):
+    base, out = own_base
+    change_config(base, num_hidden_layers=1)  # transformers would load it, dropping layer 1's weights unsaid
+    for command in FINISHED_RUN_COMMANDS:
+        assert_one_line_error(*run_main(capfd, *command, "--model", str(out)),
+                              rf"model_name {base}: not the base model this run trained on \(layers 2 -> 1")
+    assert not (out / "merged").exists() and not (out / "gguf").exists()

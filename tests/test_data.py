@@ -308,7 +308,7 @@ def two_files(tmp_path, pc_rows):
 
 
 def load(cfg, tokenizer):
-    return finetune.load_data(cfg, plan_for(cfg, tokenizer), tokenizer)
+    return finetune.load_data(cfg, plan_for(cfg, tokenizer), tokenizer, finetune.load_sources(cfg))
 
 
 def test_weights_3_to_1_give_three_quarters_of_the_training_examples_to_the_first(two_files, make_cfg, tokenizer):

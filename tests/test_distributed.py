@@ -29,8 +29,7 @@ def test_torchrun_two_processes_share_the_data_and_write_one_output(make_cfg, tm
     trained = [r for r in logged(run) if "loss" in r]
     assert [r["step"] for r in trained] == [1, 2, 3, 4, 5]
     tokenizer = finetune.load_tokenizer(cfg)
-    lengths = finetune.load_data(cfg, plan_for(cfg, tokenizer),
-                                 tokenizer).train["length"]
+    lengths = finetune.load_data(cfg, plan_for(cfg, tokenizer), tokenizer, finetune.load_sources(cfg)).train["length"]
     # Every training token is seen by one rank or the other; accelerate evens out each rank's short last batch
     # (18 rows = 4+4+4+4+2) by repeating 2 rows, so at most 4 rows are counted twice.
     assert sum(lengths) <= trained[-1]["num_tokens"] <= sum(lengths) + 4 * max(lengths)

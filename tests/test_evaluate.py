@@ -34,8 +34,7 @@ def test_end_of_turn_of_the_chat_template_is_a_stop_token(tiny_model, tmp_path):
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|endoftext|>{% endfor %}"
                                "{% if add_generation_prompt %}<|im_start|>{% endif %}")
     assert finetune.end_of_turn_token(tokenizer) == "<|endoftext|>"
-    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    assert finetune.stop_token_ids(tokenizer) == [tokenizer.eos_token_id, end_of_text]
+    assert finetune.end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
 
 def test_greedy_answers_are_the_same_adapter_merged_or_not_batched_or_alone(make_cfg):
@@ -49,11 +48,11 @@ def test_greedy_answers_are_the_same_adapter_merged_or_not_batched_or_alone(make
                            LoraConfig(target_modules="all-linear", init_lora_weights=False))
     prompts = [finetune.prompt_ids(tokenizer, f"Request: call {name} at {hour}\nJSON:", cfg, plan)
                for name, hour in [("mom", 9), ("the bank", 11), ("Jordan", 7), ("the plumber", 10)]]
-    separate = [finetune.generate_answers(model, tokenizer, [p], 12)[0][0] for p in prompts]
+    separate = [finetune.generate_answers(model, tokenizer, [p], 12, plan.stop_ids)[0][0] for p in prompts]
     with finetune.adapter_merged(model):
-        merged, _ = finetune.generate_answers(model, tokenizer, prompts, 12)
+        merged, _ = finetune.generate_answers(model, tokenizer, prompts, 12, plan.stop_ids)
     with model.disable_adapter():
-        base, _ = finetune.generate_answers(model, tokenizer, prompts, 12)
+        base, _ = finetune.generate_answers(model, tokenizer, prompts, 12, plan.stop_ids)
     assert merged == separate and len(set(separate)) > 1 and base != separate
     assert all(not getattr(m, "merged", False) for m in model.modules())  # unmerged again afterwards
 

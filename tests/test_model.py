@@ -35,7 +35,7 @@ def built(cfg: finetune.Config):
 ])
 def test_each_precision_mode_builds_and_trains(make_cfg, overrides, base_layer):
     cfg = make_cfg(max_steps=2, **overrides)
-    with finetune.prepared_run(cfg, hold_lock=True) as run:
+    with finetune.prepared_run(cfg) as run:
         trainer = finetune.make_trainer(cfg, run, finetune.build_model(cfg, run.plan))
         assert {type(m.base_layer).__name__ for m in lora_modules(trainer.model).values()} == {base_layer}
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}

@@ -30,10 +30,9 @@ def recipe(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def test_there_is_a_recipe_for_each_scenario():
-    assert {p.stem for p in RECIPES} == {"lora", "qlora-4bit", "lora-8bit", "full-fine-tune", "chat-messages",
-                                         "function-calling", "hosted-lora", "mixed-datasets", "early-stopping",
-                                         "llama2-7b-qlora-24gb", "multi-gpu-ddp", "fsdp", "deepspeed-zero3"}
+def test_the_readme_names_every_recipe_and_only_recipes_that_exist():
+    named = set(re.findall(r"recipes/([\w.-]+\.yml)", (ROOT / "README.md").read_text()))
+    assert named == {p.name for p in RECIPES}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -66,7 +65,7 @@ def stated_and_estimated(path: Path, hub_configs) -> tuple[list[float], list[flo
         cases = [(cfg.precision if cfg.precision != "auto" else "bf16", "cuda")]
     else:
         cases = [("fp32", "cpu"), ("bf16", "cpu")]
-    plans = [dataclasses.replace(finetune.make_plan(cfg, None, model_config, device=d), precision=p,
+    plans = [dataclasses.replace(finetune.make_plan(cfg, None, model_config, finetune.this_machine(d)), precision=p,
                                  gradient_checkpointing=checkpointing) for p, d in cases]
     return stated, [round(finetune.estimate_phases(cfg, model_config, plan)["whole run"] / 2**30, 2) for plan in plans]
 

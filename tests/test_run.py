@@ -1,6 +1,7 @@
 """The run end to end: the plan decided once (precision, attention, batches, loss, prompt format), --validate making
 exactly the checks of a training run, and defaults that suit a user's own data and short runs."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,20 +15,37 @@ from helpers import (DEMO_TEST, ONE_STEP, assert_one_line_error, logged, plan_fo
 
 @pytest.mark.parametrize("flags, expected", [("avx2 fma", "fp32"), ("avx512f avx512_bf16", "bf16"),
                                              ("amx_bf16 amx_tile", "bf16")], ids=["avx2", "avx512-bf16", "amx"])
-def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_units(make_cfg, monkeypatch, tmp_path, flags, expected):
+def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, tmp_path, flags, expected):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
     monkeypatch.setattr(finetune, "CPUINFO", cpuinfo)
-    assert finetune.resolve_precision(make_cfg(precision="auto"), "cpu") == expected
+    assert finetune.resolve_precision("auto", "cpu") == expected
 
 
-def test_the_plan_is_made_once_and_recorded(finished_run):
+def test_the_run_saves_the_plan_this_machine_makes_for_its_config(finished_run):
     cfg, out = finished_run
-    plan = json.loads((out / "eval.json").read_text())["plan"]
-    assert plan == {"device": "cpu", "precision": "fp32", "method": "LoRA", "prompt_format": "chat",
-                    "attention": "varlen_sdpa", "padding_free": True, "fused_loss": True,
-                    "gradient_checkpointing": False, "world_size": 1, "batch_size": 4, "gradient_accumulation_steps": 1,
-                    "scoring_memory": finetune.SCORING_MEMORY}
+    saved = finetune.saved_plan(out)
+    assert saved == dataclasses.replace(plan_for(cfg), workdir=saved.workdir)
+    # What the config and the tiny model decide, on any machine: LoRA in fp32 (set), chat prompts (the tokenizer has a
+    # template), stopping at <|im_end|> (id 2: EOS and end of turn), batches as configured, one process.
+    assert (saved.method, saved.precision, saved.prompt_format, saved.chat, saved.stop_ids) == (
+        "LoRA", "fp32", "chat", True, [2])
+    assert (saved.batch_size, saved.gradient_accumulation_steps, saved.world_size, saved.main_process) == (
+        4, 1, 1, True)
+    assert saved.device == finetune.this_machine().device and saved.architecture == "LlamaForCausalLM"
+    assert json.loads((out / "eval.json").read_text())["scored_with"] == {"device": saved.device, "precision": "fp32"}
+
+
+@pytest.mark.parametrize("environment, expected", [({}, (0, 0, 1, 1)), (
+    {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, (3, 1, 4, 2))])
+def test_the_launchers_environment_decides_rank_and_world_size(make_cfg, monkeypatch, environment, expected):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    plan = plan_for(make_cfg())
+    assert (plan.rank, plan.local_rank, plan.world_size, plan.local_world_size) == expected
+    assert plan.main_process == (expected[0] == 0)
 
 
 def test_each_phase_records_its_peak_memory_and_the_whole_run_its_own(finished_run):

@@ -149,7 +149,7 @@ def test_ranks_other_than_0_run_beside_the_lock_rank_0_holds(make_cfg, monkeypat
     cfg = make_cfg()
     with finetune.output_dir_lock(cfg.output_dir, hold=True):
         monkeypatch.setenv("RANK", "1")
-        with finetune.prepared_run(cfg, hold_lock=False) as run:
+        with finetune.prepared_run(cfg) as run:
             assert len(run.data.train) > 0
 
 

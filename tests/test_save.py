@@ -18,8 +18,8 @@ def test_the_result_lies_at_the_root_of_output_dir_listed_by_its_marker(finished
     _, out = finished_run
     files = json.loads((out / "result.json").read_text())["files"]
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", "generation_config.json", "config.yml", "eval.json", "README.md", "metrics.jsonl",
-            "loss.png"} == set(files)
+            "chat_template.jinja", "generation_config.json", "config.yml", "plan.json", "eval.json", "README.md",
+            "metrics.jsonl", "loss.png"} == set(files)
     assert all((out / name).is_file() for name in files)
     assert not (out / "final").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -118,7 +118,7 @@ def test_the_tokenizer_carries_the_chat_template_only_when_the_run_trained_with_
 
     assert AutoTokenizer.from_pretrained(finished_run[1]).chat_template
     assert AutoTokenizer.from_pretrained(raw_run[1]).chat_template is None
-    assert finetune.read_config_file(str(raw_run[1] / "config.yml"))["prompt_format"] == "raw"
+    assert not finetune.saved_plan(raw_run[1]).chat and finetune.saved_plan(finished_run[1]).chat
 
 
 def test_the_adapter_targets_the_models_own_module_names(finished_run):
