@@ -2,6 +2,7 @@
 disk, a Config factory pointing at them, and finished runs trained once per session for the tests that read them."""
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +15,13 @@ from helpers import DEMO_TEST, DEMO_TRAIN, EMBEDDED, FAST, ROOT, run_cli, write_
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs on the embedded model or of the CLI (still run in CI)")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # each test process, and the runs it starts, compute on its share of the cores, not on all of them
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     # Library warnings with nothing to act on (finetune.py silences the first two at import, but pytest resets warning
     # filters for every test).
     for message in ("MatMul8bitLt", "`is_gradient_checkpointing` is deprecated",
@@ -32,12 +40,16 @@ def embedded_model() -> Path:
 def test_models() -> Path:
     """models/ with what only the tests use, Gemma 3 270M and llama.cpp's vocabulary files: prepared by
     ./setup.sh --test-models when missing (once per machine: it keeps them in ~/.cache/finetune-py)."""
+    import fcntl
+
     models = ROOT / "models"
-    if not ((models / "gemma-3-270m" / "model.safetensors").exists()
-            and (models / "vocab" / "ggml-vocab-phi-3.gguf").exists()):
-        done = subprocess.run(["bash", str(ROOT / "setup.sh"), "--test-models"], capture_output=True, text=True)
-        if done.returncode:
-            pytest.fail(f"./setup.sh --test-models failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    with (ROOT / ".venv" / "test-models.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other test process waits for them rather than preparing them twice
+        if not ((models / "gemma-3-270m" / "model.safetensors").exists()
+                and (models / "vocab" / "ggml-vocab-phi-3.gguf").exists()):
+            done = subprocess.run(["bash", str(ROOT / "setup.sh"), "--test-models"], capture_output=True, text=True)
+            if done.returncode:
+                pytest.fail(f"./setup.sh --test-models failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return models
 
 
@@ -102,7 +114,7 @@ def cli():
 
 
 # The shipped config.yml, shortened to a few minutes' worth of the default job: what test_end_to_end checks.
-SHORT_DEMO = ("max_steps=16", "eval_steps=8", "save_steps=8", "eval_max_examples=20")
+SHORT_DEMO = ("max_steps=16", "eval_strategy=no", "save_steps=8", "eval_max_examples=20")
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,14 @@
 """End to end on the embedded SmolLM2-135M-Instruct: the default job (the shipped config.yml, shortened) must beat the
-base model; its f16 GGUF export, read back by transformers, answers exactly as the merged model, and its q8_0 export,
-scored by `finetune.py eval`, is at most one answer from the merged model's exact match. (How many q8_0 answers equal
-the merged model's, over the full default job, is bench/export_check.py's: 100 of 100 in the README.)"""
+base model, and its q8_0 GGUF export, scored by `finetune.py eval`, is at most one answer from the merged model's exact
+match. (f16 files give the merged model's logits on the tiny models of test_export.py; how many q8_0 answers equal the
+merged model's, over the full default job, is bench/export_check.py's: 100 of 100 in the README.)"""
 
 import json
 
 import pytest
-import torch
 
 import finetune
-from helpers import DEMO_TEST, run_cli
+from helpers import DEMO_TEST, run_main
 
 
 @pytest.mark.slow
@@ -25,22 +24,15 @@ def test_the_shipped_config_fine_tunes_the_embedded_model_and_beats_the_base(dem
 
 
 @pytest.mark.slow
-def test_the_gguf_export_answers_as_the_merged_model(demo_run):
-    from transformers import AutoModelForCausalLM
-
+def test_the_q8_0_export_scores_as_the_merged_model(demo_run, capfd):
     out, _ = demo_run
     run = finetune.open_run(out)
     cfg, tokenizer, prompts = run.cfg, run.tokenizer, [p.ids for p in run.test_pairs]
     reference, _ = finetune.generate_answers(finetune.merged_model(run).float(), tokenizer, prompts,
                                              cfg.eval_max_new_tokens, run.plan.stop_ids)
-    path = finetune.export_run(run, "f16")
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    answers, _ = finetune.generate_answers(model, tokenizer, prompts, cfg.eval_max_new_tokens, run.plan.stop_ids)
-    assert answers == reference
-
     finetune.export_run(run, "q8_0")
-    scored = run_cli("eval", "--model", str(out / "gguf" / "run-q8_0.gguf"))
-    assert scored.returncode == 0, scored.stderr[-2000:]
+    code, _, err = run_main(capfd, "eval", "--model", str(out / "gguf" / "run-q8_0.gguf"))
+    assert code == 0, err
     summary = json.loads((out / "eval.json").read_text())
     gguf_exact = summary["exported"]["run-q8_0.gguf"]["exact_match"]
     merged_exact = sum(a.strip() == r["completion"].strip() for a, r in zip(

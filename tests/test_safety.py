@@ -44,7 +44,7 @@ def test_resume_after_sigkill_continues_with_identical_losses_and_data_order(mak
            {"name": str(write_jsonl(tmp_path / "b.jsonl", pc_rows[24:])), "weight": 1}]
 
     def long_run(out: Path) -> finetune.Config:
-        return make_cfg(dataset_name=mix, output_dir=str(out), max_steps=40, batch_size=2, save_strategy="steps",
+        return make_cfg(dataset_name=mix, output_dir=str(out), max_steps=20, batch_size=2, save_strategy="steps",
                         save_steps=3, save_total_limit=3)
 
     assert cli("--config", str(config_file(tmp_path / "ref.yml", long_run(tmp_path / "reference")))).returncode == 0
@@ -61,7 +61,7 @@ def test_resume_after_sigkill_continues_with_identical_losses_and_data_order(mak
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
     got = step_losses(tmp_path / "crashed")
-    assert sorted(got) == sorted(expected) == list(range(1, 41))
+    assert sorted(got) == sorted(expected) == list(range(1, 21))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-4), step
 
@@ -83,6 +83,8 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(make_cfg, tmp_path, cl
     assert 5 <= step < 400
     assert finetune.checkpoint_problem(tmp_path / "run" / f"checkpoint-{step}") is None
     assert not (tmp_path / "run" / "result.json").exists()
+    if sig == signal.SIGTERM:
+        return  # the same checkpoint as SIGINT's, resumed below
     resumed = cli("--config", str(config), "resume_from_checkpoint=auto", f"max_steps={step + 3}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["steps"] == step + 3
@@ -134,7 +136,7 @@ def test_a_resumed_run_keeps_its_best_checkpoint(overfitting, tmp_path, cli):
 
 @pytest.mark.slow
 def test_second_run_on_the_same_output_dir_refuses_and_the_first_finishes(make_cfg, tmp_path, capsys):
-    cfg = make_cfg(output_dir=str(tmp_path / "run"), max_steps=150, batch_size=2)
+    cfg = make_cfg(output_dir=str(tmp_path / "run"), max_steps=60, batch_size=2)
     proc = start_cli(config_file(tmp_path / "run.yml", cfg))
     wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists(), proc)
     second = cfg.model_copy(update={"resume_from_checkpoint": "auto"})
