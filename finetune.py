@@ -16,6 +16,8 @@ Heavy libraries (torch, transformers, trl, peft, datasets) are imported inside t
 
 from __future__ import annotations
 
+import codecs
+import csv
 import dataclasses
 import difflib
 import functools
@@ -72,7 +74,12 @@ EMBEDDED_MODEL = "models/SmolLM2-135M-Instruct"
 SECOND_MODEL = "models/gemma-3-270m"  # Gemma 3 270M base (262k vocabulary): tests, benches (setup.sh --test-models)
 TEMPLATES = Path(__file__).resolve().parent / "templates"  # the built-in chat templates, one <name>.jinja each
 BUILT_IN_TEMPLATES = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
-FIELD_KEYS = ("prompt_field", "completion_field", "messages_field", "dataset_text_field")
+# An entry's keys that default to the top-level key of the same name.
+FIELD_KEYS = ("format", "prompt_field", "completion_field", "messages_field", "dataset_text_field", "roles",
+              "role_key", "content_key")
+SHAPES = ("prompt_completion", "messages", "sharegpt", "alpaca", "text")
+SHAPE = Literal["auto", "prompt_completion", "messages", "sharegpt", "alpaca", "text"]
+CHAT_ROLES = Literal["system", "user", "assistant", "tool", "tool_call"]
 
 GiB = 2**30
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
@@ -94,17 +101,21 @@ class DatasetEntry(BaseModel):
     """One dataset of a list: where its rows come from, its share of the training mix and its own field names."""
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    name: str = Field(description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or folder of them.")
+    name: str = Field(description="Hub dataset id, or a local .jsonl/.json/.csv/.tsv/.parquet file or folder of them.")
     weight: float | None = Field(None, ge=0, description=(
         "Its share of the training examples, relative to the other entries' weights (null on every entry: each "
         "in proportion to its rows)."))
     split: str | None = Field(None, description="Split to read (default: dataset_split; for test_dataset: test on "
                                                 "the Hub, the only split of a local file).")
     config: str | None = Field(None, description="Hub dataset configuration (default: dataset_config).")
+    format: SHAPE | None = Field(None, description="Its rows' shape (default: format).")
     prompt_field: str | None = Field(None, description="Its prompt column (default: prompt_field).")
     completion_field: str | None = Field(None, description="Its completion column (default: completion_field).")
     messages_field: str | None = Field(None, description="Its chat messages column (default: messages_field).")
     dataset_text_field: str | None = Field(None, description="Its plain text column (default: dataset_text_field).")
+    roles: dict[str, CHAT_ROLES] | None = Field(None, description="Its own role names (default: roles).")
+    role_key: str | None = Field(None, description="Its messages' role key (default: role_key).")
+    content_key: str | None = Field(None, description="Its messages' content key (default: content_key).")
 
 
 class Config(BaseModel):
@@ -145,17 +156,27 @@ class Config(BaseModel):
 
     # data
     dataset_name: str | list[str | DatasetEntry] | None = Field(None, description=(
-        "Training data: a Hub dataset id or a local .jsonl/.json/.csv/.parquet file or folder, or a list of them, "
+        "Training data: a Hub dataset id or a local .jsonl/.json/.csv/.tsv/.parquet file or folder, or a list of them, "
         "each a name or {name, weight, split, config, *_field}."))
     dataset_config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
     dataset_split: str = Field("train", description="Split of the dataset to train on.")
+    format: SHAPE = Field("auto", description=(
+        "Shape of the rows: auto (found from the columns), prompt_completion, messages (OpenAI/TRL chat rows), "
+        "sharegpt (conversations of {from, value}), alpaca (instruction, input, output) or text."))
     dataset_text_field: str = Field("text", description=(
         "Column with plain text, for datasets without prompt/completion or messages."))
     prompt_field: str = Field("prompt", description="Column with the prompt, for prompt/completion datasets.")
     completion_field: str = Field("completion", description=(
         "Column with the expected completion, for prompt/completion datasets."))
     messages_field: str = Field("messages", description=(
-        "Column with chat messages ([{role, content}, ...]), always rendered with the tokenizer's chat template."))
+        "Column with chat messages ([{role, content}, ...]; for sharegpt rows: conversations, when this column is "
+        "missing), always rendered with the tokenizer's chat template."))
+    roles: dict[str, CHAT_ROLES] | None = Field(None, description=(
+        "The data's own role names mapped to system, user, assistant, tool or tool_call, e.g. {human: user, bot: "
+        "assistant} (sharegpt rows know human, gpt, function_call and observation already)."))
+    role_key: str | None = Field(None, description="Key of a message's role (null = role; for sharegpt rows: from).")
+    content_key: str | None = Field(None, description=(
+        "Key of a message's text (null = content; for sharegpt rows: value)."))
     chat_template: str | None = Field(None, description=(
         f"Chat template for chat rows and chat prompts, saved with the result: a built-in one "
         f"({', '.join(BUILT_IN_TEMPLATES)}) or a .jinja file (null = the model's own)."))
@@ -176,6 +197,10 @@ class Config(BaseModel):
     seq_length: int = Field(512, ge=8, le=1_048_576, description="Maximum tokens per example.")
     long_examples: Literal["truncate", "drop"] = Field("truncate", description=(
         "What to do with examples longer than seq_length: truncate (keep the start) or drop; the count is reported."))
+    empty_examples: Literal["drop", "keep"] = Field("drop", description=(
+        "Examples with nothing to learn (an empty reply, weight 0 on every reply, every reply cut away by "
+        "seq_length): drop, or keep (they train on their prompt under prompt_loss_weight, an empty reply's "
+        "end-of-turn); they are counted and named either way."))
     prompt_loss_weight: float = Field(0.0, ge=0, le=1, description=(
         "Weight of prompt tokens in the loss relative to completion tokens (0 = completion only, 1 = all alike)."))
     dataset_num_proc: int | None = Field(None, ge=1, description=(
@@ -579,7 +604,7 @@ def make_plan(cfg: Config, tokenizer, model_config, machine: Machine, formats: l
     skeleton = model_skeleton(cfg, model_config)
     attention = pick_attention(machine.device, skeleton)
     prompt_format = decided_prompt_format(cfg, tokenizer)
-    chat = prompt_format == "chat" or "messages" in formats
+    chat = prompt_format == "chat" or bool({"messages", "sharegpt"} & set(formats))
     plan = Plan(device=machine.device, rank=machine.rank, local_rank=machine.local_rank,
                 world_size=machine.world_size, local_world_size=machine.local_world_size,
                 precision=resolve_precision(cfg.precision, machine.device), method=training_method(cfg),
@@ -1335,8 +1360,9 @@ def preview_run(cfg: Config, rows: int, colour: bool) -> None:
 # Data: each dataset read once (its format found once), split, tokenized with per-token loss weights, mixed by weight.
 # =====================================================================================================================
 
-DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 ROW = "__row__"  # each row's number in its file, so that an error names a row the user can find after the split
+TOOLS_FIELD = "tools"  # the column of a conversation row with the functions its assistant may call (TRL's name)
 
 
 class TestPair(NamedTuple):
@@ -1350,12 +1376,15 @@ class TestPair(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """One dataset, read once: its entry (every field filled in), its row format, and its rows split in two."""
+    """One dataset, read once: its entry (every field filled in, its rows' shape decided), and its rows split in two."""
     entry: DatasetEntry
     where: str  # how messages name it: its path, or its position and path in a list
-    format: str  # messages, prompt_completion or text
     train: Any  # datasets.Dataset of raw rows
     validation: Any  # the held-out rows, or None
+
+    @property
+    def format(self) -> str:
+        return self.entry.format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1466,9 +1495,10 @@ def load_sources(cfg: Config) -> list[Source]:
             continue
         rows = read_rows(entry, cfg, where)
         rows = rows.add_column(ROW, np.arange(1, len(rows) + 1), new_fingerprint=f"{rows._fingerprint}-numbered")
-        fmt = row_format(rows.column_names, entry, where)
+        entry = decided_shape(rows.column_names, rows[0], entry, where)
+        warn_unused_columns(rows, entry, where)
         if cfg.validation_split == 0:
-            sources.append(Source(entry, where, fmt, rows, None))
+            sources.append(Source(entry, where, rows, None))
             continue
         n_val = max(1, round(len(rows) * cfg.validation_split))
         if n_val >= len(rows):
@@ -1479,7 +1509,7 @@ def load_sources(cfg: Config) -> list[Source]:
         order = np.random.default_rng(cfg.seed).permutation(len(rows))
         train, held = (rows.select(np.sort(part), new_fingerprint=f"{rows._fingerprint}-{cfg.seed}-{n_val}-{name}")
                        for part, name in ((order[n_val:], "train"), (order[:n_val], "validation")))
-        sources.append(Source(entry, where, fmt, train, held))
+        sources.append(Source(entry, where, train, held))
     return sources
 
 
@@ -1493,14 +1523,15 @@ def streamed_source(entry: DatasetEntry, cfg: Config, where: str) -> Source:
     first = next(iter(rows), None)
     if first is None:
         raise UserError(f"dataset {where} is empty: no rows")
-    fmt = row_format(list(first), entry, where)
+    entry = decided_shape(list(first), first, entry, where)
+    warn_unused_columns(None, entry, where, list(first))
     if cfg.validation_split == 0:
-        return Source(entry, where, fmt, rows, None)
+        return Source(entry, where, rows, None)
     held = list(rows.take(cfg.eval_max_examples))
     if next(iter(rows.skip(len(held))), None) is None:
         raise UserError(f"dataset {where} has {len(held)} rows: too few to hold out eval_max_examples="
                         f"{cfg.eval_max_examples} for validation when streaming; add rows or set validation_split: 0")
-    return Source(entry, where, fmt, rows.skip(len(held)), datasets.Dataset.from_list(held))
+    return Source(entry, where, rows.skip(len(held)), datasets.Dataset.from_list(held))
 
 
 def local_data_files(name: str, where: str) -> list[Path] | None:
@@ -1509,8 +1540,8 @@ def local_data_files(name: str, where: str) -> list[Path] | None:
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix not in DATA_BUILDERS:
-            raise UserError(f"dataset {where}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or "
-                            f".parquet")
+            raise UserError(f"dataset {where}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv, .tsv "
+                            f"or .parquet")
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in DATA_BUILDERS)
@@ -1518,19 +1549,21 @@ def local_data_files(name: str, where: str) -> list[Path] | None:
         if odd is not None:  # a folder or dead link named like data: skipping it would silently drop rows
             raise UserError(f"dataset folder {where}: {odd.name} is not a readable file; move it out or fix it")
         if not files:
-            raise UserError(f"dataset folder {where} holds no .jsonl/.json/.csv/.parquet file")
-        if len({DATA_BUILDERS[p.suffix] for p in files}) > 1:
-            raise UserError(f"dataset folder {where} mixes file types; keep one of .jsonl/.json, .csv or .parquet")
+            raise UserError(f"dataset folder {where} holds no .jsonl/.json/.csv/.tsv/.parquet file")
+        if len({DATA_BUILDERS[p.suffix] if p.suffix != ".tsv" else "tsv" for p in files}) > 1:
+            raise UserError(f"dataset folder {where} mixes file types; keep one of .jsonl/.json, .csv, .tsv or "
+                            f".parquet")
         return files
     if name.startswith((".", "/", "~")) or Path(name).suffix in DATA_BUILDERS or name.count("/") > 1:
         raise UserError(f"dataset not found: {where} (no such file or folder)")
     return None
 
 
-def check_json_lines(path: Path, text_fields: tuple[str, ...], messages_field: str) -> None:
+def check_json_lines(path: Path, text_fields: tuple[str, ...], conversation_fields: tuple[str, ...]) -> None:
     """datasets' JSON errors name neither file nor line, and a column of mixed types gets JSON-parsed into objects;
-    this scan (constant memory) names the line of a broken row, of a text field that is not text, or of the first
-    malformed conversation or tool list (rather than the first one tokenizing meets)."""
+    this scan (constant memory) names the line of a broken row, of a text field that is not text, of a conversation
+    that is no list of objects, or of a malformed tool list. What a conversation's messages say is checked with its
+    shape, once the columns have decided it."""
     rows = 0
     try:
         f = path.open("rb")
@@ -1539,7 +1572,8 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...], messages_field: s
     with f:
         for number, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig skips the byte-order mark that Excel and Notepad write
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise UserError(f"{path}:{number}: not UTF-8 (byte {e.start} of the line); re-encode the file as "
                                 f"UTF-8") from None
@@ -1551,11 +1585,16 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...], messages_field: s
                 raise UserError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-            for field in text_fields:
-                if field in row and not isinstance(row[field], str):
+            alpaca = ALPACA_TEXT if "instruction" in row else ()  # a column of mixed types would come back mangled
+            for field in (*text_fields, *alpaca):
+                if field in row and not isinstance(row[field], str) and not (field in alpaca and row[field] is None):
                     raise UserError(f"{path}:{number}: {field!r} is {type(row[field]).__name__}, expected text")
-            if messages_field in row:
-                checked_messages(row[messages_field], number, str(path))
+            for field in conversation_fields:
+                if field in row and not (isinstance(row[field], list) and row[field]
+                                         and all(isinstance(m, dict) for m in row[field])):
+                    raise UserError(f"dataset {path}: row {number}: {field!r} must be a non-empty list of message "
+                                    f"objects ({{role, content}} or {{from, value}}), got {str(row[field])[:60]}")
+            if any(field in row for field in conversation_fields):
                 checked_tools(row.get(TOOLS_FIELD), number, str(path))
             rows += 1
     if rows == 0:
@@ -1588,10 +1627,10 @@ def read_rows(entry: DatasetEntry, cfg: Config, where: str, streaming: bool = Fa
             if file.stat().st_size == 0:
                 raise UserError(f"dataset file {file} is empty: no rows")
             if file.suffix == ".jsonl":
-                check_json_lines(file, text_fields, entry.messages_field)
+                check_json_lines(file, text_fields, (entry.messages_field, "conversations"))
         try:
             rows = datasets.load_dataset(DATA_BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
-                                         split="train", streaming=streaming)
+                                         split="train", streaming=streaming, **reader_options(files))
         except (DatasetGenerationError, OSError, ValueError) as e:
             message = first_line(e.__cause__ or e)  # datasets wraps the parser's own reason ("Expected 2 fields")
             if "corresponds to no data" in message:
@@ -1603,23 +1642,105 @@ def read_rows(entry: DatasetEntry, cfg: Config, where: str, streaming: bool = Fa
     return rows
 
 
+def reader_options(files: list[Path]) -> dict:
+    """How to read files as the tools that wrote them meant them: a UTF-8 byte-order mark skipped; every CSV/TSV
+    column as text, exactly as written (pandas would type " 2" as the number 2 and an empty cell or "NA" as null)."""
+    boms = []
+    for file in files:
+        with file.open("rb") as f:
+            boms.append(f.read(3) == codecs.BOM_UTF8)
+    if files[0].suffix not in (".csv", ".tsv"):
+        return {"encoding": "utf-8-sig"} if any(boms) and files[0].suffix != ".parquet" else {}
+    from datasets import Features, Value
+
+    sep = "\t" if files[0].suffix == ".tsv" else ","
+    try:
+        with files[0].open(encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f, delimiter=sep), [])
+    except UnicodeDecodeError:
+        return {"sep": sep}  # the reader names the encoding problem with the file
+    return {"sep": sep, "na_filter": False, "encoding": "utf-8-sig",
+            "features": Features({name: Value("string") for name in header})}
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0][:300]
 
 
-def row_format(columns: list[str], entry: DatasetEntry, where: str) -> str:
-    if entry.messages_field in columns:
-        return "messages"
-    if entry.prompt_field in columns and entry.completion_field in columns:
-        return "prompt_completion"
-    if entry.dataset_text_field in columns:
-        return "text"
-    raise UserError(
-        f"dataset {where}: rows have fields {sorted(c for c in columns if c != ROW)}, but training needs "
-        f"{entry.prompt_field!r} + {entry.completion_field!r}, {entry.messages_field!r} or "
-        f"{entry.dataset_text_field!r}; rename the fields or set prompt_field/completion_field/messages_field/"
-        f"dataset_text_field")
+ALPACA_TEXT = ("instruction", "input", "output", "system")
+ALPACA_COLUMNS = (*ALPACA_TEXT, "history")
+SHAREGPT_COLUMNS = ("system", TOOLS_FIELD)  # beside the conversations
+# OpenAI's parallel_tool_calls only tells its own server whether a reply may hold several calls: the calls a reply
+# holds are trained as written, so the column is read and needs nothing more.
+MESSAGES_COLUMNS = (TOOLS_FIELD, "parallel_tool_calls")
+
+
+def decided_shape(columns: list[str], first: dict, entry: DatasetEntry, where: str) -> DatasetEntry:
+    """The entry with its rows' shape decided once: `format` when set, else from the columns: a conversation column
+    (messages_field, else conversations) is messages, or sharegpt when its messages are {from, value}; then the
+    prompt and completion fields, alpaca's instruction and output, the text field. A conversation column found under
+    another name is recorded as the entry's messages_field."""
+    conversations = next((c for c in (entry.messages_field, "conversations") if c in columns), None)
+    shape = entry.format
+    if shape == "auto":
+        if conversations:
+            shape = conversation_shape(first.get(conversations))
+        elif entry.prompt_field in columns and entry.completion_field in columns:
+            shape = "prompt_completion"
+        elif {"instruction", "output"} <= set(columns):
+            shape = "alpaca"
+        elif entry.dataset_text_field in columns:
+            shape = "text"
+        else:
+            raise UserError(
+                f"dataset {where}: rows have fields {sorted(c for c in columns if c != ROW)}, but training needs "
+                f"{entry.prompt_field!r} + {entry.completion_field!r}, {entry.messages_field!r}, 'conversations', "
+                f"'instruction' + 'output' or {entry.dataset_text_field!r}; rename the fields or set prompt_field/"
+                f"completion_field/messages_field/dataset_text_field")
+    needed = {"prompt_completion": [entry.prompt_field, entry.completion_field], "alpaca": ["instruction", "output"],
+              "text": [entry.dataset_text_field]}.get(shape, [conversations or entry.messages_field])
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise UserError(f"dataset {where}: format: {shape} needs the column {missing[0]!r}, and rows have "
+                        f"{sorted(c for c in columns if c != ROW)}; set the field's name or another format")
+    return entry.model_copy(update={"format": shape, "messages_field": conversations or entry.messages_field})
+
+
+def conversation_shape(messages: Any) -> str:
+    first = messages[0] if isinstance(messages, list) and messages else None
+    return "sharegpt" if isinstance(first, dict) and "from" in first and "role" not in first else "messages"
+
+
+def used_columns(entry: DatasetEntry) -> set[str]:
+    return {"prompt_completion": {entry.prompt_field, entry.completion_field}, "text": {entry.dataset_text_field},
+            "alpaca": set(ALPACA_COLUMNS), "messages": {entry.messages_field, *MESSAGES_COLUMNS},
+            "sharegpt": {entry.messages_field, *SHAREGPT_COLUMNS}}[entry.format] | {ROW}
+
+
+def warn_unused_columns(rows, entry: DatasetEntry, where: str, columns: list[str] | None = None) -> None:
+    """Names each column the decided shape leaves unread, so that none is dropped without a word; a column another
+    shape reads (alpaca's input, say, under a prompt/completion mapping) comes with the count of rows that fill it
+    and the format that would read it. `rows` is None for a stream, whose rows cannot be counted ahead."""
+    known = {"alpaca": ALPACA_COLUMNS, "sharegpt": ("conversations", *SHAREGPT_COLUMNS), "messages": ("messages",)}
+    for column in sorted(set(columns or rows.column_names) - used_columns(entry)):
+        shape = next((name for name, names in known.items() if column in names), None)
+        filled = f"{filled_rows(rows, column)} rows have it non-empty; " if rows is not None else ""
+        hint = f"set format: {shape} to use it" if shape else "it is not part of a shape we read"
+        print(f"warning: dataset {where}: column {column!r} is not used by {entry.format} rows ({filled}{hint})")
+
+
+def filled_rows(rows, column: str) -> int:
+    """Rows whose `column` holds something: not null, and not an empty text or list (in Arrow: no row is copied)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = rows.data.column(column)
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return int(pc.sum(pc.greater(pc.utf8_length(values), 0)).as_py() or 0)
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        return int(pc.sum(pc.greater(pc.list_value_length(values), 0)).as_py() or 0)
+    return len(values) - values.null_count
 
 
 def field_text(row: dict, field: str, number: int, where: str) -> str:
@@ -1627,6 +1748,109 @@ def field_text(row: dict, field: str, number: int, where: str) -> str:
     if not isinstance(value, str):
         raise UserError(f"dataset {where}: row {number}: {field!r} is {type(value).__name__}, expected text")
     return value
+
+
+def optional_text(row: dict, field: str, number: int, where: str) -> str:
+    return "" if row.get(field) is None else field_text(row, field, number, where)
+
+
+def checked_history(row: dict, number: int, where: str) -> list[tuple[str, str]]:
+    """An Alpaca row's earlier turns: [[instruction, response], ...]."""
+    history = row.get("history")
+    if history is None:
+        return []
+    for j, pair in enumerate(history if isinstance(history, list) else [history], 1):
+        if not (isinstance(history, list) and isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(text, str) for text in pair)):
+            raise UserError(f"dataset {where}: row {number}: 'history' must be a list of [instruction, response] "
+                            f"pairs of text; item {j} is {str(pair)[:60]}")
+    return [tuple(pair) for pair in history]
+
+
+def alpaca_query(row: dict, number: int, where: str) -> str:
+    """The instruction, and its input on the next line (as LLaMA-Factory joins them)."""
+    instruction, extra = field_text(row, "instruction", number, where), optional_text(row, "input", number, where)
+    return f"{instruction}\n{extra}" if extra else instruction
+
+
+def alpaca_messages(row: dict, number: int, where: str) -> list[dict]:
+    """An Alpaca row as a conversation: its system text, its history's turns, the query and the output."""
+    system = optional_text(row, "system", number, where)
+    messages = [{"role": "system", "content": system}] if system else []
+    for question, answer in checked_history(row, number, where):
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer.strip()}]
+    return messages + [{"role": "user", "content": alpaca_query(row, number, where)},
+                       {"role": "assistant", "content": field_text(row, "output", number, where).strip()}]
+
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task{}. Write a response that appropriately completes "
+                   "the request.")
+
+
+def alpaca_prompt(row: dict, number: int, where: str) -> str:
+    """An Alpaca row's prompt in a raw run: Stanford Alpaca's layout (its preamble, or the row's system text; the
+    history's turns; the instruction; its input), ending where the response starts."""
+    extra = optional_text(row, "input", number, where)
+    preamble = ALPACA_PREAMBLE.format(", paired with an input that provides further context" if extra else "")
+    system = optional_text(row, "system", number, where) or preamble
+    turns = "".join(f"### Instruction:\n{question}\n\n### Response:\n{answer}\n\n"
+                    for question, answer in checked_history(row, number, where))
+    inputs = f"### Input:\n{extra}\n\n" if extra else ""
+    return (f"{system}\n\n{turns}### Instruction:\n{field_text(row, 'instruction', number, where)}\n\n{inputs}"
+            f"### Response:\n")
+
+
+def raw_pair(row: dict, entry: DatasetEntry, number: int, where: str) -> tuple[str, str]:
+    """(prompt, completion) of a prompt/completion or Alpaca row in a raw run."""
+    if entry.format == "alpaca":
+        return alpaca_prompt(row, number, where), field_text(row, "output", number, where)
+    return field_text(row, entry.prompt_field, number, where), field_text(row, entry.completion_field, number, where)
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",  # early ShareGPT dumps (FastChat)
+                  "function_call": "tool_call", "tool_call": "tool_call", "observation": "tool", "tool": "tool"}
+
+
+def named_messages(messages: Any, entry: DatasetEntry, number: int, where: str) -> Any:
+    """A conversation in the dataset's own names (ShareGPT's {from, value} and human/gpt, or the entry's role_key,
+    content_key and roles) as {role, content} messages; a function_call turn, whose text is the JSON of one call or a
+    list of them, becomes an assistant message with tool_calls."""
+    sharegpt = entry.format == "sharegpt"
+    role_key, content_key = entry.role_key or ("from" if sharegpt else "role"), entry.content_key or (
+        "value" if sharegpt else "content")
+    if not isinstance(messages, list) or (role_key, content_key, sharegpt, entry.roles) == ("role", "content", False,
+                                                                                             None):
+        return messages  # already in the standard names, or no list (checked_messages says what is wrong)
+    roles = {**(SHAREGPT_ROLES if sharegpt else {role: role for role in ROLES}), **(entry.roles or {})}
+    named = []
+    for i, message in enumerate(messages, 1):
+        at = f"dataset {where}: row {number}: message {i}"
+        if not isinstance(message, dict):
+            named.append(message)
+            continue
+        name = message.get(role_key)
+        role = roles.get(name) if isinstance(name, str) else None
+        if role is None:
+            raise UserError(f"{at}: {role_key} {name!r} is no role; use {', '.join(roles)}, or map it with roles: "
+                            f"{{{name}: user}}")
+        m = {k: v for k, v in message.items() if k not in (role_key, content_key)}
+        content = message.get(content_key)
+        if role == "tool_call":
+            m.update(role="assistant", content="", tool_calls=written_calls(content, f"{at}: {content_key}"))
+        else:
+            m.update(role=role, **({} if content is None else {"content": content}))
+        named.append(m)
+    return named
+
+
+def written_calls(text: Any, at: str) -> list:
+    try:
+        calls = json.loads(text) if isinstance(text, str) else text
+    except ValueError as e:
+        raise UserError(f"{at}: a function_call turn must be the JSON of a call, {{\"name\": ..., \"arguments\": "
+                        f"{{...}}}}, or a list of them ({e})") from None
+    return calls if isinstance(calls, list) else [calls]
 
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -1649,6 +1873,10 @@ def checked_messages(messages: Any, number: int, where: str) -> list[dict]:
             raise UserError(f"{at}: expected a {{role, content}} object with role {', '.join(ROLES)}, got "
                             f"{str(message)[:60]}")
         m = {k: v for k, v in message.items() if v is not None}
+        weight = m.get("weight", 0)  # 0 on a prompt turn says what is so anyway (SlimOrca's rows do)
+        if isinstance(weight, bool) or weight not in (0, 1) or weight == 1 and m["role"] != "assistant":
+            raise UserError(f"{at}: weight must be 0 (shown, not trained) or 1 (trained), and only an assistant "
+                            f"message is trained; got {m['weight']!r} on a {m['role']} message")
         if m["role"] == "assistant":
             m = checked_reply(m, at)
         elif not isinstance(m.get("content"), str):
@@ -1777,11 +2005,13 @@ def shown_messages(messages: list[dict], reasoning: str, native: bool) -> list[d
 
 def chat_examples(tokenizer, chats: list[tuple[list[dict], list | None]], cfg: Config, numbers: list[int],
                   where: str) -> list[tuple[list[int], Any]]:
-    """(ids, weights) of each conversation (messages, tools) in the chat template: 1 on what the assistant says (its
-    replies and tool calls, each with the end-of-turn that closes it), prompt_loss_weight on everything else (the
-    tool list and tool results too), and on reasoning traces under reasoning: mask. One tokenizer call for them all
-    and numpy for the weights: one call per row and a Python loop per token were most of the time of a big dataset."""
+    """(ids, trained) of each conversation (messages, tools) in the chat template: trained is True on what the
+    assistant says (its replies and tool calls, each with the end-of-turn that closes it), False on everything else
+    (the tool list and tool results too, a reply with weight 0, and reasoning traces under reasoning: mask). One
+    tokenizer call for them all and numpy for the masks: one call per row and a Python loop per token were most of
+    the time of a big dataset."""
     import numpy as np
+    from jinja2 import TemplateError
 
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"dataset {where}: chat messages need a chat template and this model has none: set "
@@ -1790,14 +2020,19 @@ def chat_examples(tokenizer, chats: list[tuple[list[dict], list | None]], cfg: C
     def render(msgs, tools, generation_prompt=False):
         return tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
-    check_agent_rendering(tokenizer, chats, numbers, where, cfg)
     native = renders_reasoning(tokenizer)
     replies, hidden, texts = [], [], []
     for (messages, tools), number in zip(chats, numbers):
         shown = shown_messages(messages, cfg.reasoning, native)
-        text, spans, masked = render(shown, tools), [], [(0, 0)]
+        try:
+            text, spans, masked = render(shown, tools), [(0, 0)], [(0, 0)]
+        except TemplateError as e:
+            raise UserError(f"dataset {where}: row {number}: the chat template refuses this conversation ({e}); "
+                            f"fix the order of its turns") from None
+        if not any(m["role"] == "assistant" for m in shown):
+            raise UserError(f"dataset {where}: row {number}: no assistant message to learn from")
         for i, m in enumerate(shown):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or not m.get("weight", 1):
                 continue
             before, through = render(shown[:i], tools, True), render(shown[:i + 1], tools).rstrip()
             if not (through.startswith(before) and text.startswith(through)):
@@ -1808,17 +2043,15 @@ def chat_examples(tokenizer, chats: list[tuple[list[dict], list | None]], cfg: C
             thought = messages[i].get("reasoning_content") if cfg.reasoning == "mask" else None
             if thought:
                 masked.append((len(before), thought_end(text, thought, len(before), len(through))))
-        if not spans:
-            raise UserError(f"dataset {where}: row {number}: no assistant message to learn from")
-        replies.append(np.array(spans).T)
+        replies.append(np.array(spans).T)  # (0, 0) first: an empty span, so that a row with no trained reply has one
         hidden.append(np.array(masked).T)
         texts.append(text)
+    check_agent_rendering(tokenizer, chats, numbers, where, cfg)  # after each row's own check: they render
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     examples = []
     for ids, offsets, spans, masked in zip(enc["input_ids"], enc["offset_mapping"], replies, hidden):
         token_starts = np.array(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
-        examples.append((ids, np.where(within(token_starts, *spans) & ~within(token_starts, *masked), 1.0,
-                                       cfg.prompt_loss_weight)))
+        examples.append((ids, within(token_starts, *spans) & ~within(token_starts, *masked)))
     return examples
 
 
@@ -1895,48 +2128,74 @@ def messages_calls(messages: list[dict]) -> list[tuple[str, dict]]:
     return [(c["function"]["name"], c["function"]["arguments"]) for m in messages for c in m.get("tool_calls", [])]
 
 
-TOOLS_FIELD = "tools"  # the column of a messages row with the functions its assistant may call (TRL's name)
-
-
 def conversation(row: dict, source: Source, cfg: Config) -> tuple[list[dict], list | None]:
-    """A row as (chat messages, tools): its own, or its prompt as the user's turn and its completion as the reply."""
-    entry, number, where = source.entry, row[ROW], source.where
-    if source.format == "messages":
-        messages = checked_messages(row.get(entry.messages_field), number, where)
-        return with_system_prompt(messages, cfg), checked_tools(row.get(TOOLS_FIELD), number, where)
-    return with_system_prompt([
-        {"role": "user", "content": field_text(row, entry.prompt_field, number, where)},
-        {"role": "assistant", "content": field_text(row, entry.completion_field, number, where).strip()}], cfg), None
+    """A row as training shows it in the chat template: (messages with system_prompt, tools)."""
+    messages, tools = row_conversation(row, source.entry, row[ROW], source.where)
+    return with_system_prompt(messages, cfg), tools
+
+
+def row_conversation(row: dict, entry: DatasetEntry, number: int, where: str) -> tuple[list[dict], list | None]:
+    """A row of any shape but text as (chat messages, tools): a conversation's own (its system column first, for
+    sharegpt rows), an Alpaca row's, or a prompt as the user's turn and its completion as the reply."""
+    if entry.format in ("messages", "sharegpt"):
+        messages = checked_messages(named_messages(row.get(entry.messages_field), entry, number, where), number,
+                                    where)
+        system = optional_text(row, "system", number, where) if entry.format == "sharegpt" else ""
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+        return messages, checked_tools(row.get(TOOLS_FIELD), number, where)
+    if entry.format == "alpaca":
+        return alpaca_messages(row, number, where), None
+    return [{"role": "user", "content": field_text(row, entry.prompt_field, number, where)},
+            {"role": "assistant", "content": field_text(row, entry.completion_field, number, where).strip()}], None
+
+
+def learns_nothing(messages: list[dict]) -> int:
+    """Why a conversation has nothing to learn (a NOTHING code), or 0: every reply weight 0, or every trained reply
+    empty (no text, tool call or reasoning: its end-of-turn would be all it teaches)."""
+    trained = [m for m in messages if m["role"] == "assistant" and m.get("weight", 1)]
+    if not trained:
+        return 2
+    empty = all(not m["content"].strip() and not m.get("tool_calls") and not m.get("reasoning_content")
+                for m in trained)
+    return 1 if empty else 0
+
+
+NOTHING = {1: "an empty reply", 2: "weight 0 on every reply", 3: "every reply cut away by seq_length"}
 
 
 def tokenized_batch(batch: dict, tokenizer, source: Source, cfg: Config, plan: Plan) -> dict:
     """A batch of rows as input_ids and the loss weight of each token (1 for what the model should learn to write,
-    prompt_loss_weight for the prompt), cut to seq_length; `length` is the length before the cut and `trainable` says
-    whether a token after the first is trained within it. Raw prompt and completion are tokenized apart, as
-    generation from the raw prompt will see them."""
+    prompt_loss_weight for the rest), cut to seq_length; `length` is the length before the cut, `nothing` why an
+    example has nothing to learn (a NOTHING code, 0 when it has something) and `weighted` whether a token after the
+    first has a loss weight within the cut. Raw prompt and completion are tokenized apart, as generation from the raw
+    prompt will see them."""
     import numpy as np
 
-    entry, where, plw = source.entry, source.where, cfg.prompt_loss_weight
+    entry, where = source.entry, source.where
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     eos, traced = [tokenizer.eos_token_id], [False] * len(rows)  # traced: rows with a reasoning trace
     if source.format == "text":
         texts = [field_text(row, entry.dataset_text_field, row[ROW], where) for row in rows]
-        examples = [(ids + eos, [1.0] * (len(ids) + 1)) for ids in tokenizer(texts)["input_ids"]]
-    elif source.format == "messages" or plan.prompt_format == "chat":
+        examples = [(ids + eos, np.ones(len(ids) + 1, bool)) for ids in tokenizer(texts)["input_ids"]]
+        nothing = [0 if text.strip() else 1 for text in texts]
+    elif source.format in ("prompt_completion", "alpaca") and plan.prompt_format == "raw":
+        pairs = [raw_pair(row, entry, row[ROW], where) for row in rows]
+        prompts = tokenizer([prompt for prompt, _ in pairs])["input_ids"]
+        completions = tokenizer([completion for _, completion in pairs], add_special_tokens=False)["input_ids"]
+        examples = [(p + c + eos, np.arange(len(p) + len(c) + 1) >= len(p)) for p, c in zip(prompts, completions)]
+        nothing = [0 if completion.strip() else 1 for _, completion in pairs]
+    else:
         chats = [conversation(row, source, cfg) for row in rows]
         examples = chat_examples(tokenizer, chats, cfg, batch[ROW], where)
         traced = [any("reasoning_content" in m for m in messages) for messages, _ in chats]
-    else:
-        pairs = [(field_text(row, entry.prompt_field, row[ROW], where),
-                  field_text(row, entry.completion_field, row[ROW], where)) for row in rows]
-        prompts = tokenizer([prompt for prompt, _ in pairs])["input_ids"]
-        completions = tokenizer([completion for _, completion in pairs], add_special_tokens=False)["input_ids"]
-        examples = [(p + c + eos, [plw] * len(p) + [1.0] * (len(c) + 1)) for p, c in zip(prompts, completions)]
+        nothing = [learns_nothing(messages) for messages, _ in chats]
     cut = cfg.seq_length
-    weights = [np.asarray(w, dtype=np.float32)[:cut] for _, w in examples]
+    weights = [np.where(trained[:cut], 1.0, cfg.prompt_loss_weight).astype(np.float32) for _, trained in examples]
+    nothing = [code or (0 if trained[1:cut].any() else 3) for code, (_, trained) in zip(nothing, examples)]
     return {"input_ids": [ids[:cut] for ids, _ in examples], "loss_weights": weights,
-            "length": [len(ids) for ids, _ in examples], "trainable": [w[1:].any() for w in weights],
-            "reasoning": traced}
+            "length": [len(ids) for ids, _ in examples], "nothing": nothing, "weighted": [w[1:].any() for w in weights],
+            "reasoning": traced, "row": batch[ROW]}
 
 
 def tokenized_features():
@@ -1945,10 +2204,12 @@ def tokenized_features():
     from datasets import Features, List, Value
 
     return Features({"input_ids": List(Value("int32")), "loss_weights": List(Value("float32")),
-                     "length": Value("int32"), "trainable": Value("bool"), "reasoning": Value("bool")})
+                     "length": Value("int32"), "nothing": Value("int8"), "weighted": Value("bool"),
+                     "reasoning": Value("bool"), "row": Value("int64")})
 
 
-TOKENIZATION = 2  # the version of the rules above; a change to them bumps it, so that no cache of old tokens is read
+BOOKKEEPING = ["nothing", "weighted", "reasoning", "row"]  # what tokenize_rows reads, then removes
+TOKENIZATION = 3  # the version of the rules above; a change to them bumps it, so that no cache of old tokens is read
 
 
 def token_cache_key(rows, source: Source, tokenizer, cfg: Config, plan: Plan) -> str:
@@ -1956,9 +2217,9 @@ def token_cache_key(rows, source: Source, tokenizer, cfg: Config, plan: Plan) ->
     nothing else, so that a run with another output_dir or learning rate reuses them."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     settings = cfg.model_dump_json(include={"system_prompt", "seq_length", "long_examples", "prompt_loss_weight",
-                                            "reasoning"})
-    identity = [TOKENIZATION, rows._fingerprint, settings, source.entry.model_dump_json(), source.format,
-                plan.prompt_format, tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id,
+                                            "reasoning", "empty_examples"})
+    identity = [TOKENIZATION, rows._fingerprint, settings, source.entry.model_dump_json(), plan.prompt_format,
+                tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id,
                 getattr(tokenizer, "chat_template", None), backend.to_str() if backend else None]
     return hashlib.sha256("|".join(map(str, identity)).encode()).hexdigest()[:24]
 
@@ -1992,34 +2253,59 @@ def tokenize_rows(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
                          batched=True, batch_size=100, writer_batch_size=100, features=tokenized_features(),
                          remove_columns=rows.column_names, num_proc=worker_count(cfg, plan, len(rows)),
                          new_fingerprint=f"{key}-tokenize")
-    found = tokenized.select_columns(["length", "trainable", "reasoning"]).with_format("numpy")[:]
+    found = tokenized.select_columns(["length", *BOOKKEEPING]).with_format("numpy")[:]
     traced = int(found["reasoning"].sum())
     if 0 < traced < len(rows) and cfg.reasoning != "drop":
         print(f"warning: dataset {source.where}: {traced} rows have a reasoning trace and {len(rows) - traced} have "
               f"none; a model trained on both mixes thinking and answering at random: give every row a trace, or set "
               f"reasoning: drop")
     long = found["length"] > cfg.seq_length
-    dropped = long if cfg.long_examples == "drop" else np.zeros_like(long)
-    untrainable = ~found["trainable"] & ~dropped
-    if untrainable.any():
-        print(f"dataset {source.where}: {untrainable.sum()} examples had no token to learn from within "
-              f"seq_length={cfg.seq_length} and were dropped")
-    if (dropped | untrainable).all():
+    long_dropped = long if cfg.long_examples == "drop" else np.zeros_like(long)
+    nothing = np.where(long_dropped, 0, found["nothing"])  # a long example dropped is counted as long
+    dropped = long_dropped | ~found["weighted"]
+    if nothing.any():
+        print(nothing_to_learn(source.where, nothing, found["row"], found["weighted"], cfg))
+    if cfg.empty_examples == "drop":
+        dropped |= nothing > 0
+    if dropped.all():
         raise UserError(f"dataset {source.where}: no example left with a token to learn from (check seq_length, "
-                        f"long_examples and the fields)")
-    if (dropped | untrainable).any():
-        tokenized = tokenized.select(np.flatnonzero(~(dropped | untrainable)), new_fingerprint=f"{key}-kept")
-    return tokenized.remove_columns(["trainable", "reasoning"]), int(long.sum())
+                        f"long_examples, empty_examples and the fields)")
+    if dropped.any():
+        tokenized = tokenized.select(np.flatnonzero(~dropped), new_fingerprint=f"{key}-kept")
+    return tokenized.remove_columns(BOOKKEEPING), int(long.sum())
+
+
+def nothing_to_learn(where: str, nothing, rows, weighted, cfg: Config) -> str:
+    """The warning for examples with nothing to learn: how many for each reason, their first rows, what is done."""
+    import numpy as np
+
+    parts = []
+    for code, reason in NOTHING.items():
+        numbers = rows[nothing == code]
+        if len(numbers):
+            first = ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+            reason = f"{reason}={cfg.seq_length}" if code == 3 else reason
+            parts.append(f"{len(numbers)} with {reason} (row{'s' if len(numbers) > 1 else ''} {first})")
+    if cfg.empty_examples == "drop":
+        done = "dropped (empty_examples: keep keeps them)"
+    else:
+        unweighted = int(np.count_nonzero((nothing > 0) & ~weighted))
+        done = "kept (empty_examples: keep)" + (f", but {unweighted} of them have no token with a loss weight "
+                                                 f"(prompt_loss_weight is 0) and are dropped" if unweighted else "")
+    count = np.count_nonzero(nothing)
+    return (f"warning: dataset {where}: {count} example{' has' if count == 1 else 's have'} nothing to learn: "
+            f"{'; '.join(parts)}: {done}")
 
 
 def streamed_tokens(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
     """tokenize_rows for a stream: tokenized as training reads it, the same examples kept, nothing counted."""
-    drop = cfg.long_examples == "drop"
+    drop_long, drop_nothing = cfg.long_examples == "drop", cfg.empty_examples == "drop"
     tokenized = rows.map(tokenized_batch, fn_kwargs=dict(tokenizer=tokenizer, source=source, cfg=cfg, plan=plan),
                          batched=True, batch_size=100, features=tokenized_features())
     kept = tokenized.select_columns(list(tokenized_features())).filter(
-        lambda n, trainable: trainable and not (drop and n > cfg.seq_length), input_columns=["length", "trainable"])
-    return kept.remove_columns(["trainable", "reasoning"])
+        lambda n, nothing, weighted: weighted and not (drop_long and n > cfg.seq_length or drop_nothing and nothing),
+        input_columns=["length", "nothing", "weighted"])
+    return kept.remove_columns(BOOKKEEPING)
 
 
 def mix_by_weight(sets: list, weights: list[float] | None, seed: int):
@@ -2050,14 +2336,15 @@ def load_test_pairs(cfg: Config, plan: Plan, tokenizer, sources: list[Source]) -
         tests = []
         for entry, where in named_entries(dataset_entries(cfg.test_dataset, cfg, test=True), "test_dataset"):
             rows = read_rows(entry, cfg, where)
-            tests.append((rows, row_format(rows.column_names, entry, where), entry, where))
+            entry = decided_shape(rows.column_names, rows[0], entry, where)
+            warn_unused_columns(rows, entry, where)
+            tests.append((rows, entry, where))
     else:
-        tests = [(s.validation, s.format, s.entry, s.where) for s in sources if s.validation is not None]
+        tests = [(s.validation, s.entry, s.where) for s in sources if s.validation is not None]
     limit = cfg.eval_max_examples
-    per_source = [[(test, i) for i in range(min(len(test[0]), limit))] for test in tests if test[1] != "text"]
+    per_source = [[(test, i) for i in range(min(len(test[0]), limit))] for test in tests if test[1].format != "text"]
     chosen = [pick for turn in zip_longest_skip(per_source) for pick in turn][:limit]
-    return [test_pair(rows[i], i + 1, fmt, entry, where, tokenizer, cfg, plan)
-            for (rows, fmt, entry, where), i in chosen]
+    return [test_pair(rows[i], i + 1, entry, where, tokenizer, cfg, plan) for (rows, entry, where), i in chosen]
 
 
 def zip_longest_skip(lists: list[list]) -> list[list]:
@@ -2065,15 +2352,18 @@ def zip_longest_skip(lists: list[list]) -> list[list]:
     return [[items[i] for items in lists if i < len(items)] for i in range(max(map(len, lists), default=0))]
 
 
-def test_pair(row: dict, number: int, fmt: str, entry: DatasetEntry, where: str, tokenizer, cfg: Config,
+def test_pair(row: dict, number: int, entry: DatasetEntry, where: str, tokenizer, cfg: Config,
               plan: Plan) -> TestPair:
+    """A test row of any shape, prompted exactly as training shows its rows; its reference is its last reply."""
     number = row.get(ROW, number)
-    if fmt == "prompt_completion":
+    if entry.format == "prompt_completion":
         prompt = field_text(row, entry.prompt_field, number, where)
         reference = field_text(row, entry.completion_field, number, where)
         return TestPair(prompt, prompt_ids(tokenizer, prompt, cfg, plan), reference, entry.name)
-    messages = checked_messages(row.get(entry.messages_field), number, where)
-    tools = checked_tools(row.get(TOOLS_FIELD), number, where)
+    if entry.format == "alpaca" and plan.prompt_format == "raw":
+        prompt, reference = raw_pair(row, entry, number, where)
+        return TestPair(alpaca_query(row, number, where), tokenizer(prompt)["input_ids"], reference, entry.name)
+    messages, tools = row_conversation(row, entry, number, where)
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not replies:
         raise UserError(f"test rows {where}: row {number} has no assistant message to score against")
@@ -2840,13 +3130,16 @@ def adapter_merged(model):
 
 def results_table(base: dict | None, tuned: dict) -> str:
     """base vs fine-tuned, one metric a line; with several datasets, then each dataset's lines."""
+    names = [f"{Path(name).name}: {key}" for name, scores in tuned.get("by_dataset", {}).items() for key in scores]
+    width = max([30, *(len(name) + 2 for name in names)])
+
     def rows(before: dict | None, after: dict, prefix: str = "") -> list[str]:
-        return [f"{prefix + key:<30}{before[key] if before and key in before else '-':>10}{value:>12}"
+        return [f"{prefix + key:<{width}}{before[key] if before and key in before else '-':>10}{value:>12}"
                 if isinstance(value, int) else
-                f"{prefix + key:<30}{f'{before[key]:.3f}' if before and key in before else '-':>10}{value:>12.3f}"
+                f"{prefix + key:<{width}}{f'{before[key]:.3f}' if before and key in before else '-':>10}{value:>12.3f}"
                 for key, value in after.items() if key != "by_dataset"]
 
-    lines = [f"{'metric':<30}{'base':>10}{'fine-tuned':>12}", *rows(base, tuned)]
+    lines = [f"{'metric':<{width}}{'base':>10}{'fine-tuned':>12}", *rows(base, tuned)]
     for name, scores in tuned.get("by_dataset", {}).items():
         lines += rows((base or {}).get("by_dataset", {}).get(name), scores, prefix=f"{Path(name).name}: ")
     return "\n".join(lines)
@@ -2929,7 +3222,8 @@ def model_card(cfg: Config, plan: Plan, summary: dict) -> str:
             + (" (the weights here)" if cfg.load_best_model_at_end else "")) if "best_step" in summary else ""
     lora = (f", r={cfg.peft_lora_r}, alpha={cfg.peft_lora_alpha}, dropout={cfg.peft_lora_dropout}, modules="
             f"{cfg.peft_target_modules}" if peft else "")
-    datasets = ", ".join(f"`{name}`" for name in summary.get("data", {})) or f"`{cfg.dataset_name}`"
+    datasets = ", ".join(f"`{name}` ({data['format']} rows)" for name, data in summary.get("data", {}).items()) or \
+        f"`{cfg.dataset_name}`"
     template = f" (chat template: {plan.chat_template}, saved with the tokenizer)" if plan.chat else ""
     return f"""---
 base_model: {cfg.model_name}

@@ -1,11 +1,12 @@
 """How `finetune.py --validate` scales with the number of dataset rows: wall time and peak memory of the whole run.
 
-    .venv/bin/python bench/bench_data.py [--rows 1000 10000 100000] [--second-run [ROWS ...]] [--python PATH]
-        [--repo PATH] [--timeout 600] [--json OUT.json]
+    .venv/bin/python bench/bench_data.py [--rows 1000 10000 100000] [--shape messages sharegpt]
+        [--second-run [ROWS ...]] [--python PATH] [--repo PATH] [--timeout 600] [--json OUT.json]
 
 The data is a synthetic chat `messages` jsonl file per row count (system, user, assistant, user, assistant; sentences
 of a fixed seeded vocabulary), ~1,500 tokens per row median with SmolLM2's tokenizer, about 1 row in 8 over seq_length
-2048 so that the truncation pass runs too. It is written once into /tmp/finetune-bench-data/ and reused.
+2048 so that the truncation pass runs too. It is written once into /tmp/finetune-bench-data/ and reused. --shape
+sharegpt rewrites each row as ShareGPT ({conversations: [{from, value}]}, human/gpt), the same conversations.
 
 Each run is `PYTHON REPO/finetune.py --validate --config CONFIG` with REPO's embedded SmolLM2-135M-Instruct, that
 file, seq_length 2048 and validation_split 0.01, from a fresh temporary folder and a fresh HF_DATASETS_CACHE, so that
@@ -78,6 +79,8 @@ MARKER_TOKENS = 5  # the chat template's tokens around each message: <|im_start|
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10000, 100000], help="dataset sizes to run")
+    parser.add_argument("--shape", nargs="+", choices=["messages", "sharegpt"], default=["messages"],
+                        help="the rows' shape (the same conversations in each)")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs finetune.py")
     parser.add_argument("--repo", type=Path, default=ROOT, help="checkout whose finetune.py and model are run")
     parser.add_argument("--second-run", type=int, nargs="*", metavar="ROWS",
@@ -149,8 +152,22 @@ def write_rows(path: Path, count: int, tokenizer) -> None:
             f.write(head + system + '"}, ' + ", ".join(turns) + "]}\n")
 
 
-def dataset_file(rows: int, repo: Path) -> Path:
+SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def dataset_file(rows: int, repo: Path, shape: str = "messages") -> Path:
     """The data file of `rows` rows, written once (to a temporary name first: an interrupted write is never reused)."""
+    if shape == "sharegpt":
+        path, messages = DATA_DIR / f"sharegpt-{rows}.jsonl", dataset_file(rows, repo)
+        if not path.exists():
+            partial = path.with_suffix(".partial")
+            with messages.open() as source, partial.open("w") as f:
+                for line in source:
+                    turns = [{"from": SHAREGPT_NAMES[m["role"]], "value": m["content"]}
+                             for m in json.loads(line)["messages"]]
+                    f.write(json.dumps({"conversations": turns}) + "\n")
+            partial.rename(path)
+        return path
     path = DATA_DIR / f"chat-{rows}.jsonl"
     if not path.exists():
         from tokenizers import Tokenizer
@@ -220,16 +237,16 @@ def run_validate(args: argparse.Namespace, data: Path, cache: Path, folder: Path
             "median_tokens": int(median.group(1)) if median else None, "stderr_tail": stderr[-2000:]}
 
 
-def measure(rows: int, args: argparse.Namespace) -> list[dict]:
+def measure(rows: int, shape: str, args: argparse.Namespace) -> list[dict]:
     """The cold run of `rows` rows and, with --second-run, the warm one on its cache."""
-    data = dataset_file(rows, args.repo)
+    data = dataset_file(rows, args.repo, shape)
     warm = args.second_run is not None and (not args.second_run or rows in args.second_run)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_data-") as tmp:
         cache = Path(tmp) / "hf-datasets"
         for cache_state in ("cold", "warm")[:1 + warm]:
             folder = Path(tempfile.mkdtemp(prefix=f"{cache_state}-", dir=tmp))
-            run = {"rows": rows, "file_mb": data.stat().st_size / 1e6, "cache": cache_state}
+            run = {"rows": rows, "shape": shape, "file_mb": data.stat().st_size / 1e6, "cache": cache_state}
             run |= run_validate(args, data, cache, folder)
             results.append(run)
             print_run(run)
@@ -257,12 +274,14 @@ def repo_commit(repo: Path) -> str | None:
     return done.stdout.strip() or None
 
 
-HEADER = f"{'rows':>8} {'cache':>6} {'file MB':>8} {'tokens':>7} {'wall s':>8} {'tree RSS GB':>12} {'max proc GB':>12}"
+HEADER = (f"{'rows':>8} {'shape':>9} {'cache':>6} {'file MB':>8} {'tokens':>7} {'wall s':>8} {'tree RSS GB':>12} "
+          f"{'max proc GB':>12}")
 
 
 def print_run(run: dict) -> None:
     tokens = run["median_tokens"] if run["median_tokens"] is not None else "-"
-    print(f"{run['rows']:>8} {run['cache']:>6} {run['file_mb']:>8.0f} {tokens:>7} {run['wall_s']:>8.1f} "
+    print(f"{run['rows']:>8} {run['shape']:>9} {run['cache']:>6} {run['file_mb']:>8.0f} {tokens:>7} "
+          f"{run['wall_s']:>8.1f} "
           f"{run['peak_tree_rss_gb']:>12.2f} {run['max_process_rss_gb']:>12.2f}{'' if run['ok'] else '  FAILED'}",
           flush=True)
 
@@ -276,7 +295,7 @@ def main() -> None:
     print(f"CPU kind {setup['cpu']}, {setup['cores']} cores; finetune.py of {args.repo} at {setup['commit']}")
     print("tokens = median tokens per example as finetune.py reports them; RSS in GiB")
     print(HEADER, flush=True)
-    runs = [run for rows in args.rows for run in measure(rows, args)]
+    runs = [run for rows in args.rows for shape in args.shape for run in measure(rows, shape, args)]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(setup | {"runs": runs}, indent=2))

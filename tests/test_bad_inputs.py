@@ -337,7 +337,7 @@ def folder(c: Ctx, name: str, files: dict[str, bytes | str | list[bytes]]) -> Pa
 
 
 add("data-empty-folder", lambda c: c.data(folder(c, "empty", {".keep": b""}), r"{path} holds no"))
-add("data-folder-of-unsupported-files", lambda c: c.data(folder(c, "docs", {"notes.txt": "hi", "table.tsv": "a\tb"}),
+add("data-folder-of-unsupported-files", lambda c: c.data(folder(c, "docs", {"notes.txt": "hi", "table.xlsx": "a\tb"}),
                                                          r"{path} holds no"))
 add("data-folder-mixing-types", lambda c: c.data(
     folder(c, "mixed", {"a.jsonl": json_lines(good_rows(3)), "b.csv": "prompt,completion\na,b\n"}), r"{path} mixes"))
@@ -404,6 +404,98 @@ add("jsonl-the-first-of-two-bad-conversations-is-named", lambda c: c.data(write_
 add("jsonl-null-text-on-row-2", lambda c: c.data(write_jsonl(c.tmp / "text.jsonl", [{"text": "a"}, {"text": None}]),
                                                  r"{path}:2: 'text' is NoneType"))
 
+
+
+# --- the shapes users bring from the Hub: Alpaca, ShareGPT, OpenAI fine-tuning rows ---------------------------------
+
+ALPACA = {"instruction": "Add the numbers.", "input": "2 3", "output": "5"}
+SHAREGPT = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+CALL_TOOLS = {"tools": json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}])}
+
+
+def sharegpt(*turns: tuple[str, str], **columns) -> dict:
+    return {"conversations": [{"from": who, "value": text} for who, text in turns], **columns}
+
+
+SHAPES = {
+    "sharegpt-from-that-is-no-role": ("s.jsonl", SHAREGPT, sharegpt(("human", "hi"), ("bot", "hello")), {},
+                                      r"row 2: message 2: from 'bot' is no role; .*roles: \{bot: user\}"),
+    "sharegpt-tools-not-json": ("s.jsonl", SHAREGPT, {**SHAREGPT, "tools": "[{name: get_weather"}, {},
+                                r"row 2: tools is not valid JSON"),
+    "sharegpt-function-call-not-json": ("s.jsonl", SHAREGPT, sharegpt(("human", "Weather?"), (
+        "function_call", "get_weather(Paris)"), **CALL_TOOLS), {},
+        r"row 2: message 2: value: a function_call turn must be the JSON of a call"),
+    "sharegpt-function-call-without-name": ("s.jsonl", SHAREGPT, sharegpt(("human", "Weather?"), (
+        "function_call", '{"arguments": {}}'), **CALL_TOOLS), {}, r"row 2: message 2: tool_calls\[1\]: no function "
+                                                                 r"name"),
+    "sharegpt-observation-before-any-call": ("s.jsonl", SHAREGPT, sharegpt(("human", "Weather?"), (
+        "observation", "21"), ("gpt", "Warm.")), {}, r"row 2: message 2: a tool result with no tool call before it"),
+    "sharegpt-turn-order-the-template-refuses": ("s.jsonl", SHAREGPT, sharegpt(("human", "hi"), ("human", "there"), (
+        "gpt", "hello")), {"chat_template": "{alternating}"}, r"row 2: the chat template refuses this conversation "
+                                                             r"\(Conversation roles must alternate"),
+    "sharegpt-conversations-not-a-list": ("s.jsonl", SHAREGPT, {"conversations": "human: hi"}, {},
+                                          r"row 2: 'conversations' must be a non-empty list of message objects"),
+    "sharegpt-value-not-text": ("s.jsonl", SHAREGPT, sharegpt(("human", "hi"), ("gpt", "hello")) | {
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": 5}]}, {},
+        r"row 2: message 2: an assistant message needs text content"),
+    "alpaca-history-not-pairs": ("a.jsonl", ALPACA, {**ALPACA, "history": [["Add 1 and 1.", "2", "extra"]]}, {},
+                                 r"row 2: 'history' must be a list of \[instruction, response\] pairs of text; item 1"),
+    "alpaca-history-a-string": ("a.jsonl", ALPACA, {**ALPACA, "history": "Add 1 and 1. 2"}, {},
+                                r"row 2: 'history' must be a list of \[instruction, response\] pairs"),
+    "alpaca-output-a-number": ("a.jsonl", ALPACA, {**ALPACA, "output": 5}, {}, r":2: 'output' is int, expected text"),
+    "alpaca-input-a-list": ("a.jsonl", ALPACA, {**ALPACA, "input": ["2", "3"]}, {}, r":2: 'input' is list, expected "
+                                                                                    r"text"),
+    "alpaca-instruction-null": ("a.jsonl", ALPACA, {**ALPACA, "instruction": None}, {},
+                                r"row 2: 'instruction' is NoneType, expected text"),
+    "openai-weight-2": ("o.jsonl", GOOD_CHAT, {"messages": [{"role": "user", "content": "hi"}, {
+        "role": "assistant", "content": "hello", "weight": 2}]}, {},
+        r"row 2: message 2: weight must be 0 .* or 1 .*got 2"),
+    "openai-weight-on-a-user-message": ("o.jsonl", GOOD_CHAT, {"messages": [
+        {"role": "user", "content": "hi", "weight": 1}, {"role": "assistant", "content": "hello"}]}, {},
+        r"row 2: message 1: weight .*only an assistant message is trained; got 1 on a user message"),
+    "mapped-role-missing-from-roles": ("m.jsonl", {"dialog": [{"speaker": "human", "text": "hi"}, {
+        "speaker": "bot", "text": "hello"}]}, {"dialog": [{"speaker": "human", "text": "hi"}, {
+            "speaker": "robot", "text": "hello"}]},
+        {"messages_field": "dialog", "role_key": "speaker", "content_key": "text",
+         "roles": {"human": "user", "bot": "assistant"}},
+        r"row 2: message 2: speaker 'robot' is no role"),
+    "format-alpaca-on-prompt-completion-rows": ("p.jsonl", {"prompt": "a", "completion": "b"},
+                                                {"prompt": "c", "completion": "d"}, {"format": "alpaca"},
+                                                r"format: alpaca needs the column 'instruction'"),
+}
+# ChatML that refuses turns out of order, as Gemma's and Llama 2's templates do.
+ALTERNATING = ("{%- for m in messages %}{%- if m['role'] == 'user' and loop.previtem is defined and "
+               "loop.previtem['role'] == 'user' %}{{ raise_exception('Conversation roles must alternate') }}"
+               "{%- endif %}"
+               + (ROOT / "templates" / "chatml.jinja").read_text().split("{%- for message in messages %}", 1)[0]
+               + "{%- endfor %}" + (ROOT / "templates" / "chatml.jinja").read_text())
+
+
+def shape_case(c: Ctx, name: str, good: dict, bad: dict, changes: dict, says: str) -> Bad:
+    if changes.get("chat_template") == "{alternating}":
+        (c.tmp / "alternating.jinja").write_text(ALTERNATING)
+        changes = {**changes, "chat_template": str(c.tmp / "alternating.jinja")}
+    return c.data(write_jsonl(c.tmp / name, [good, bad, good]), rf"{{path}}: {says}" if says.startswith("row")
+                  else rf"{{path}}.*{says}", **changes)
+
+
+for _id, _case in SHAPES.items():
+    add(_id, lambda c, args=_case: shape_case(c, *args))
+
+
+@case("sharegpt-parquet-from-that-is-no-role-named-by-its-row-after-the-split")
+def _(c):
+    conversations = [SHAREGPT["conversations"]] * 40
+    conversations[29] = [{"from": "human", "value": "hi"}, {"from": "assistant_bot", "value": "hello"}]
+    return c.data(parquet(c, "s.parquet", {"conversations": conversations}),
+                  r"{path}: row 30: message 2: from 'assistant_bot' is no role", validation_split=0.25)
+
+
+add("config-unknown-format", lambda c: Bad(c.run(format="chatml"), r"format: .*'chatml'"))
+add("config-role-mapped-to-no-role", lambda c: Bad(c.run(roles={"bot": "robot"}), r"roles\.bot: .*'robot'"))
+add("list-entry-misspelled-role-key", lambda c: Bad(c.run(dataset_name=[{"name": "a.jsonl", "role_keys": "from"}]),
+                                                    r"entry 1 \(a\.jsonl\): unknown key 'role_keys' \(did you mean "
+                                                    r"'role_key'\?\)"))
 
 @case("parquet-null-completion-named-by-its-row-after-the-validation-split")
 def _(c):

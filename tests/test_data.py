@@ -270,7 +270,8 @@ def test_an_example_cut_before_its_answer_is_dropped_and_counted(tmp_path, make_
     examples, _ = tokenized(make_cfg(dataset_name=str(write_jsonl(tmp_path / "d.jsonl", rows)), seq_length=32,
                                      prompt_format="raw"), tokenizer)
     assert len(examples) == 1
-    assert "1 examples had no token to learn from within seq_length=32" in capsys.readouterr().out
+    assert ("1 example has nothing to learn: 1 with every reply cut away by seq_length=32 (row 1): dropped"
+            in capsys.readouterr().out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -464,6 +465,145 @@ def test_padded_batch_pads_on_the_right(examples, tokenizer):
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
         assert batch["loss_weights"][i].tolist() == pytest.approx(e["loss_weights"] + [0.0] * (width - n))
     assert "position_ids" not in batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shapes as users bring them: Alpaca, ShareGPT, OpenAI fine-tuning rows, field mappings, files as tools write them
+# ---------------------------------------------------------------------------------------------------------------------
+
+DATA = Path(finetune.__file__).parent / "data"
+ALPACA_ROW = {"system": "Answer in digits.", "history": [["Add 1 and 1.", "2"]], "instruction": "Add the numbers.",
+              "input": "2 and 3", "output": "5"}
+
+
+def one_example(cfg, tokenizer, rows: list[dict], path: Path) -> dict:
+    (example,), _ = tokenized(cfg.model_copy(update={"dataset_name": str(write_jsonl(path, rows))}), tokenizer)
+    return example
+
+
+def test_an_alpaca_row_trains_as_the_conversation_it_stands_for(tmp_path, make_cfg, tokenizer):
+    cfg = make_cfg(prompt_format="chat")
+    example = one_example(cfg, tokenizer, [ALPACA_ROW], tmp_path / "alpaca.jsonl")
+    written_out = one_example(cfg, tokenizer, [chat(("system", "Answer in digits."), ("user", "Add 1 and 1."), (
+        "assistant", "2"), ("user", "Add the numbers.\n2 and 3"), ("assistant", "5"))], tmp_path / "messages.jsonl")
+    assert example == written_out
+    assert runs(tokenizer, example["input_ids"], example["loss_weights"], trained=True) == [
+        "2" + END_OF_TURN, "5" + END_OF_TURN]
+    assert "Add the numbers.\n2 and 3" in "".join(runs(tokenizer, example["input_ids"], example["loss_weights"],
+                                                        trained=False))
+
+
+def test_a_raw_alpaca_row_is_the_alpaca_layout_then_the_output(tmp_path, make_cfg, tokenizer):
+    row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    path = write_jsonl(tmp_path / "a.jsonl", [row, {**row, "input": ""}])
+    cfg = make_cfg(prompt_format="raw", dataset_name=str(path))
+    with_input, without = tokenized(cfg, tokenizer)[0]
+    assert tokenizer.decode(with_input["input_ids"], skip_special_tokens=True) == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+        "response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n"
+        "2 and 3\n\n### Response:\n5")
+    assert tokenizer.decode(without["input_ids"], skip_special_tokens=True) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nAdd the numbers.\n\n### Response:\n5")
+    assert runs(tokenizer, with_input["input_ids"], with_input["loss_weights"], trained=True) == [
+        "5" + tokenizer.eos_token]
+
+
+def test_the_sharegpt_demo_file_trains_as_the_messages_rows_it_was_written_from(make_cfg):
+    cfg = make_cfg(chat_template="qwen", seq_length=640)
+    qwen = finetune.load_tokenizer(cfg)
+    sharegpt, _ = tokenized(cfg.model_copy(update={"dataset_name": str(DATA / "demo_sharegpt_train.parquet")}), qwen)
+    messages, _ = tokenized(cfg.model_copy(update={"dataset_name": str(DATA / "demo_tools_train.jsonl")}), qwen)
+    assert sharegpt == messages and len(sharegpt) == 300
+    answered = next(e for e in sharegpt if "<tool_response>" in qwen.decode(e["input_ids"]))
+    trained = runs(qwen, answered["input_ids"], answered["loss_weights"], trained=True)
+    assert len(trained) == 2 and trained[0].startswith("<tool_call>\n{") and "<tool_response>" not in "".join(trained)
+    assert "<tool_response>" in "".join(runs(qwen, answered["input_ids"], answered["loss_weights"], trained=False))
+
+
+def test_a_reply_with_weight_0_is_shown_but_not_trained(tmp_path, make_cfg, tokenizer):
+    row = chat(("user", "Hi."), ("assistant", "Hello."), ("user", "Bye."), ("assistant", "Goodbye."))
+    row["messages"][1]["weight"] = 0
+    example = one_example(make_cfg(), tokenizer, [row], tmp_path / "weights.jsonl")
+    assert runs(tokenizer, example["input_ids"], example["loss_weights"], trained=True) == ["Goodbye." + END_OF_TURN]
+    assert "Hello." + END_OF_TURN in tokenizer.decode(example["input_ids"])
+
+
+def test_sharegpt_turn_weights_as_slimorca_writes_them_train_the_weight_1_replies(tmp_path, make_cfg, tokenizer):
+    turns = [("system", "Be brief.", 0.0), ("human", "Hi.", 0.0), ("gpt", "Hello.", 0.0), ("human", "Bye.", 0.0),
+             ("gpt", "Goodbye.", 1.0)]
+    row = {"conversations": [{"from": who, "value": text, "weight": weight} for who, text, weight in turns]}
+    example = one_example(make_cfg(), tokenizer, [row], tmp_path / "slimorca.jsonl")
+    assert runs(tokenizer, example["input_ids"], example["loss_weights"], trained=True) == ["Goodbye." + END_OF_TURN]
+
+
+def test_role_and_content_keys_and_role_names_map_to_the_standard_ones(tmp_path, make_cfg, tokenizer):
+    own = {"dialog": [{"speaker": "human", "text": "Hi."}, {"speaker": "bot", "text": "Hello."}]}
+    cfg = make_cfg(messages_field="dialog", role_key="speaker", content_key="text",
+                   roles={"human": "user", "bot": "assistant"})
+    assert one_example(cfg, tokenizer, [own], tmp_path / "own.jsonl") == one_example(
+        make_cfg(), tokenizer, [chat(("user", "Hi."), ("assistant", "Hello."))], tmp_path / "standard.jsonl")
+
+
+def test_the_shape_is_found_from_the_columns_and_forced_with_format(tmp_path, make_cfg):
+    both = write_jsonl(tmp_path / "both.jsonl", [{"prompt": "p", "completion": "c", **ALPACA_ROW}] * 2)
+    found = [finetune.load_sources(make_cfg(dataset_name=str(path)))[0].format for path in (
+        both, DATA / "demo_alpaca_test.jsonl", DATA / "demo_sharegpt_test.parquet", DATA / "demo_openai_test.jsonl")]
+    assert found == ["prompt_completion", "alpaca", "sharegpt", "messages"]
+    assert finetune.load_sources(make_cfg(dataset_name=[{"name": str(both), "format": "alpaca"}]))[0].format == "alpaca"
+
+
+def test_a_column_the_shape_leaves_unread_is_named_with_the_rows_that_fill_it(tmp_path, make_cfg, capsys):
+    rows = [{"instruction": "Add.", "input": "2 3" if i % 2 else "", "output": "5", "id": i} for i in range(6)]
+    finetune.load_sources(make_cfg(dataset_name=str(write_jsonl(tmp_path / "a.jsonl", rows)),
+                                   prompt_field="instruction", completion_field="output"))
+    out = capsys.readouterr().out
+    assert "column 'input' is not used by prompt_completion rows (3 rows have it non-empty; set format: alpaca " \
+           "to use it)" in out
+    assert "column 'id' is not used by prompt_completion rows (6 rows have it non-empty; it is not part" in out
+
+
+def test_csv_and_tsv_text_is_read_as_written_and_a_byte_order_mark_is_skipped(tmp_path, make_cfg, tokenizer):
+    bom = "\ufeff"
+    (tmp_path / "a.csv").write_text(f'{bom}prompt,completion\nSay two.," 2"\nSay NA.,NA\nSay 3.,3\n', encoding="utf-8")
+    (tmp_path / "a.tsv").write_text("prompt\tcompletion\nSay two.\t 2\nSay NA.\tNA\nSay 3.\t3\n", encoding="utf-8")
+    write_jsonl(tmp_path / "plain.jsonl", rows := [{"prompt": "Say two.", "completion": " 2"}, {
+        "prompt": "Say NA.", "completion": "NA"}, {"prompt": "Say 3.", "completion": "3"}])
+    (tmp_path / "bom.jsonl").write_text(bom + (tmp_path / "plain.jsonl").read_text(), encoding="utf-8")
+    for name in ("a.csv", "a.tsv", "bom.jsonl"):
+        (source,) = finetune.load_sources(make_cfg(dataset_name=str(tmp_path / name), validation_split=0))
+        assert [{k: r[k] for k in ("prompt", "completion")} for r in source.train] == rows, name
+
+
+@pytest.mark.parametrize("empty_examples, kept", [("drop", 1), ("keep", 2)])
+def test_rows_with_nothing_to_learn_are_counted_named_and_dropped_or_kept(tmp_path, make_cfg, tokenizer, capsys,
+                                                                          empty_examples, kept):
+    silent = chat(("user", "Hi."), ("assistant", "Hello."))
+    silent["messages"][1]["weight"] = 0
+    rows = [chat(("user", "Hi."), ("assistant", "Hello.")), chat(("user", "Hi."), ("assistant", " ")), silent]
+    cfg = make_cfg(dataset_name=str(write_jsonl(tmp_path / "d.jsonl", rows)), empty_examples=empty_examples)
+    examples, _ = tokenized(cfg, tokenizer)
+    assert len(examples) == kept  # kept: the empty reply's end-of-turn is trained; a row with no trained token is not
+    done = ("dropped (empty_examples: keep keeps them)" if empty_examples == "drop" else
+            "kept (empty_examples: keep), but 1 of them have no token with a loss weight (prompt_loss_weight is 0) "
+            "and are dropped")
+    assert (f"2 examples have nothing to learn: 1 with an empty reply (row 2); 1 with weight 0 on every reply (row 3): "
+            f"{done}") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prompt_format", ["raw", "chat"])
+def test_alpaca_and_sharegpt_test_rows_prompt_as_their_training_rows(tmp_path, make_cfg, tokenizer, prompt_format):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [ALPACA_ROW, {**ALPACA_ROW, "input": "", "history": None}])
+    cfg = make_cfg(dataset_name=str(path), test_dataset=str(path), prompt_format=prompt_format)
+    for pair, example in zip(pairs(cfg, tokenizer), tokenized(cfg, tokenizer)[0]):
+        weights = example["loss_weights"]
+        last_reply = max(i for i, w in enumerate(weights) if w == 1.0 and weights[i - 1] != 1.0)
+        assert (pair.ids, pair.reference) == (example["input_ids"][:last_reply], "5")
+    cfg = make_cfg(chat_template="qwen", seq_length=640, test_dataset=str(DATA / "demo_sharegpt_test.parquet"))
+    qwen = finetune.load_tokenizer(cfg)
+    written_from = cfg.model_copy(update={"test_dataset": str(DATA / "demo_tools_test.jsonl")})
+    assert [(p.ids, p.reference, p.calls) for p in pairs(cfg, qwen)] == [
+        (p.ids, p.reference, p.calls) for p in pairs(written_from, qwen)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

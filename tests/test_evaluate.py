@@ -73,8 +73,8 @@ def test_scoring_leaves_a_16_bit_base_bit_for_bit_as_trained(make_cfg):
 
 def test_scores_are_given_per_dataset_when_the_test_rows_come_from_several(make_cfg, tmp_path, pc_rows):
     first = write_jsonl(tmp_path / "a.jsonl", pc_rows[:2])
-    second = write_jsonl(tmp_path / "b.jsonl", [chat(("user", r["prompt"]), ("assistant", r["completion"]))
-                                                for r in pc_rows[2:5]])
+    second = write_jsonl(tmp_path / "b-a-much-longer-dataset-name.jsonl", [
+        chat(("user", r["prompt"]), ("assistant", r["completion"])) for r in pc_rows[2:5]])
     cfg = make_cfg(test_dataset=[str(first), str(second)])
     tokenizer = finetune.load_tokenizer(cfg)
     plan = plan_for(cfg, tokenizer)
@@ -84,7 +84,9 @@ def test_scores_are_given_per_dataset_when_the_test_rows_come_from_several(make_
     assert scores["examples"] == 5 and {k: v["examples"] for k, v in scores["by_dataset"].items()} == {
         str(first): 2, str(second): 3}
     table = finetune.results_table(scores, scores).splitlines()
-    assert [line.split()[0] for line in table if line.split()[0].endswith(":")] == ["a.jsonl:"] * 5 + ["b.jsonl:"] * 5
+    assert [line.split()[0] for line in table if line.split()[0].endswith(":")] == ["a.jsonl:"] * 5 + [
+        "b-a-much-longer-dataset-name.jsonl:"] * 5
+    assert len({len(line) for line in table}) == 1  # the columns line up, however long a dataset's name
     assert [s["source"] for s in samples] == [str(first), str(second)] * 2 + [str(second)]
 
 

@@ -91,8 +91,13 @@ def test_the_7b_qlora_recipe_fits_a_24gb_gpu(hub_configs, cli):
 
 
 def small_copy(name: str, folder: Path) -> str:
-    """The first 16 rows of a data file the recipe names."""
+    """The first 16 rows of a data file the recipe names, in its own file type."""
     source = ROOT / name
+    if source.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(pq.read_table(source).slice(0, 16), folder / source.name)
+        return str(folder / source.name)
     return str(write_jsonl(folder / source.name, [json.loads(line) for line in source.read_text().splitlines()[:16]]))
 
 
