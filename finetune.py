@@ -157,7 +157,7 @@ class Config(BaseModel):
     # data
     dataset_name: str | list[str | DatasetEntry] | None = Field(None, description=(
         "Training data: a Hub dataset id or a local .jsonl/.json/.csv/.tsv/.parquet file or folder, or a list of them, "
-        "each a name or {name, weight, split, config, *_field}."))
+        "each a name or {name, weight, split, config, format, *_field, roles, role_key, content_key}."))
     dataset_config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
     dataset_split: str = Field("train", description="Split of the dataset to train on.")
     format: SHAPE = Field("auto", description=(
