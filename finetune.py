@@ -3610,9 +3610,11 @@ def finish_gguf(run: FinishedRun, source: Path, dest: Path, gguf_type: str, name
     if run.plan.end_of_turn_id is not None:
         changed[K.Tokenizer.EOT_ID] = (run.plan.end_of_turn_id, gguf.GGUFValueType.UINT32)
 
+    # The converter names general.finetune after the folder it read, which is our staging folder.
+    dropped = {K.General.ARCHITECTURE, K.General.FINETUNE, *changed}
     writer = gguf.GGUFWriter(dest, reader.fields[K.General.ARCHITECTURE].contents())
     for field in reader.fields.values():
-        if field.name != K.General.ARCHITECTURE and not field.name.startswith("GGUF.") and field.name not in changed:
+        if field.name not in dropped and not field.name.startswith("GGUF."):
             sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
     for key, (value, kind) in changed.items():

@@ -79,6 +79,7 @@ def test_the_file_carries_what_a_runtime_needs(exports, tiny_model):
     out, _, _, files = exports
     meta, config = metadata(files["q8_0"]), json.loads((tiny_model / "config.json").read_text())
     assert meta["general.name"] == "run-q8_0" and "LoRA fine-tune of" in meta["general.description"]
+    assert not any(".source" in str(value) for value in meta.values())  # nothing named after the staging folder
     assert (meta["llama.block_count"], meta["llama.embedding_length"], meta["llama.attention.head_count"],
             meta["llama.attention.head_count_kv"]) == (2, 64, 4, 2)
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "smollm"
