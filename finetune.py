@@ -77,7 +77,6 @@ BUILT_IN_TEMPLATES = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
 # An entry's keys that default to the top-level key of the same name.
 FIELD_KEYS = ("format", "prompt_field", "completion_field", "messages_field", "dataset_text_field", "roles",
               "role_key", "content_key")
-SHAPES = ("prompt_completion", "messages", "sharegpt", "alpaca", "text")
 SHAPE = Literal["auto", "prompt_completion", "messages", "sharegpt", "alpaca", "text"]
 CHAT_ROLES = Literal["system", "user", "assistant", "tool", "tool_call"]
 
@@ -1505,8 +1504,7 @@ def load_sources(cfg: Config) -> list[Source]:
             continue
         rows = read_rows(entry, cfg, where)
         rows = rows.add_column(ROW, np.arange(1, len(rows) + 1), new_fingerprint=f"{rows._fingerprint}-numbered")
-        entry = decided_shape(rows.column_names, leading_conversations(rows, entry), entry, where)
-        warn_unused_columns(rows, entry, where)
+        entry = shaped_entry(rows, entry, where)
         if cfg.validation_split == 0:
             sources.append(Source(entry, where, rows, None))
             continue
@@ -1533,7 +1531,7 @@ def streamed_source(entry: DatasetEntry, cfg: Config, where: str) -> Source:
     first = next(iter(rows), None)
     if first is None:
         raise UserError(f"dataset {where} is empty: no rows")
-    column = next((c for c in (entry.messages_field, "conversations") if c in first), None)
+    column = conversation_column(list(first), entry)
     entry = decided_shape(list(first), [first[column]] if column else [], entry, where)
     warn_unused_columns(None, entry, where, list(first))
     if cfg.validation_split == 0:
@@ -1661,12 +1659,10 @@ def read_rows(entry: DatasetEntry, cfg: Config, where: str, streaming: bool = Fa
 def reader_options(files: list[Path]) -> dict:
     """How to read files as the tools that wrote them meant them: a UTF-8 byte-order mark skipped; every CSV/TSV
     column as text, exactly as written (pandas would type " 2" as the number 2 and an empty cell or "NA" as null)."""
-    boms = []
-    for file in files:
-        with file.open("rb") as f:
-            boms.append(f.read(3) == codecs.BOM_UTF8)
+    if files[0].suffix == ".parquet":
+        return {}
     if files[0].suffix not in (".csv", ".tsv"):
-        return {"encoding": "utf-8-sig"} if any(boms) and files[0].suffix != ".parquet" else {}
+        return {"encoding": "utf-8-sig"} if any(map(starts_with_bom, files)) else {}
     from datasets import Features, Value
 
     sep = "\t" if files[0].suffix == ".tsv" else ","
@@ -1677,6 +1673,11 @@ def reader_options(files: list[Path]) -> dict:
         return {"sep": sep}  # the reader names the encoding problem with the file
     return {"sep": sep, "na_filter": False, "encoding": "utf-8-sig",
             "features": Features({name: Value("string") for name in header})}
+
+
+def starts_with_bom(file: Path) -> bool:
+    with file.open("rb") as f:
+        return f.read(3) == codecs.BOM_UTF8
 
 
 def first_line(err: BaseException) -> str:
@@ -1697,7 +1698,7 @@ def decided_shape(columns: list[str], firsts: list, entry: DatasetEntry, where: 
     or sharegpt when its messages are {from, value}, as `firsts`, the column's first values, show), the prompt and
     completion fields, alpaca's instruction and output, a conversations column, the text field. A conversation column
     found under another name is recorded as the entry's messages_field."""
-    conversations = next((c for c in (entry.messages_field, "conversations") if c in columns), None)
+    conversations = conversation_column(columns, entry)
     shape = entry.format
     if shape == "auto":
         if entry.messages_field in columns:
@@ -1725,10 +1726,18 @@ def decided_shape(columns: list[str], firsts: list, entry: DatasetEntry, where: 
     return entry.model_copy(update={"format": shape, "messages_field": conversations or entry.messages_field})
 
 
-def leading_conversations(rows, entry: DatasetEntry) -> list:
-    """The first 100 values of a dataset's conversation column (messages_field, else conversations), if it has one."""
-    column = next((c for c in (entry.messages_field, "conversations") if c in rows.column_names), None)
-    return rows[:100][column] if column else []
+def shaped_entry(rows, entry: DatasetEntry, where: str) -> DatasetEntry:
+    """The entry of a dataset's rows with their shape decided (from the first 100 conversations, if it has them), each
+    column the shape leaves unread named."""
+    column = conversation_column(rows.column_names, entry)
+    shaped = decided_shape(rows.column_names, rows[:100][column] if column else [], entry, where)
+    warn_unused_columns(rows, shaped, where)
+    return shaped
+
+
+def conversation_column(columns: list[str], entry: DatasetEntry) -> str | None:
+    """The column that holds a dataset's conversations: messages_field, else conversations (ShareGPT's name)."""
+    return next((c for c in (entry.messages_field, "conversations") if c in columns), None)
 
 
 def conversation_shape(firsts: list) -> str:
@@ -2374,9 +2383,7 @@ def load_test_pairs(cfg: Config, plan: Plan, tokenizer, sources: list[Source]) -
         tests = []
         for entry, where in named_entries(dataset_entries(cfg.test_dataset, cfg, test=True), "test_dataset"):
             rows = read_rows(entry, cfg, where)
-            entry = decided_shape(rows.column_names, leading_conversations(rows, entry), entry, where)
-            warn_unused_columns(rows, entry, where)
-            tests.append((rows, entry, where))
+            tests.append((rows, shaped_entry(rows, entry, where), where))
     else:
         tests = [(s.validation, s.entry, s.where) for s in sources if s.validation is not None]
     limit = cfg.eval_max_examples
