@@ -3706,7 +3706,7 @@ def eval_run(run: FinishedRun, model_file: Path | None = None) -> dict:
     --model FILE.gguf, score that exported file, as transformers' GGUF reader loads it, beside the run's scores."""
     cfg, plan, tokenizer, pairs, summary = run.cfg, run.plan, run.tokenizer, run.test_pairs, dict(run.summary)
     if not pairs:
-        raise UserError("nothing to score: set test_dataset to a prompt/completion or messages file, or "
+        raise UserError("nothing to score: set test_dataset to a file of rows with answers (any shape but text), or "
                         "validation_split > 0")
     if model_file is not None:
         from transformers import AutoModelForCausalLM
