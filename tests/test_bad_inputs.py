@@ -152,7 +152,8 @@ add("config-bad-choice-optim", lambda c: Bad(c.run(optim="adam"), r"optim: .*'ad
 add("config-list-for-text-model_name", lambda c: Bad(c.run(model_name=["a", "b"]), r"model_name"))
 add("config-number-for-dict", lambda c: Bad(c.run(gradient_checkpointing_kwargs=5), r"gradient_checkpointing_kwargs"))
 add("config-number-for-target-modules", lambda c: Bad(c.run(peft_target_modules=5), r"peft_target_modules"))
-add("config-unknown-gguf-type", lambda c: Bad(c.run(export_gguf="q3_k"), r"export_gguf: .*'q3_k'"))
+add("config-unknown-gguf-type", lambda c: Bad(c.run(export_gguf="q3_k"), r"export_gguf: Input should be 'f16', .*"
+                                                                         r"'q4_k_m', .* or 'q2_k' \(got 'q3_k'\)"))
 add("config-unknown-prompt-format", lambda c: Bad(c.run(prompt_format="alpaca"), r"prompt_format: .*'alpaca'"))
 
 
@@ -200,10 +201,15 @@ def _(c):
                r"set export_gguf: null$")
 
 
-# K-quants: gguf-py has no writer for them; the message lists the types that work.
-add("config-k-quant-gguf-type",
-    lambda c: Bad(c.run(export_gguf="q4_k_m"), r"export_gguf: 'q4_k_m' is a K-quant.*f16, bf16, q8_0, q5_1, q5_0, "
-                                               r"q4_1, q4_0, or export f16 and run llama.cpp's llama-quantize"))
+add("config-imatrix-for-a-type-without-one",
+    lambda c: Bad(c.run(export_gguf="q8_0", gguf_imatrix=True), r"gguf_imatrix: q8_0 is not quantized by llama.cpp's "
+                                                                r"quantizer.*q6_k, .*q2_k, or set gguf_imatrix: null"))
+# llama.cpp (built once per machine) needs a compiler and cmake: refused before the first step where neither is found.
+add("export-gguf-without-a-compiler",
+    lambda c: Bad(c.run(export_gguf="q4_k_m"), r"export_gguf: GGUF export runs llama.cpp, built once from source on "
+                                               r"this machine, and cmake and c\+\+ are not installed: install .*"
+                                               r"apt install build-essential cmake",
+                  env={"XDG_CACHE_HOME": str(c.tmp / "empty-cache"), "PATH": str(c.tmp / "no-tools")}))
 
 # A memory budget: unreadable, or too small for the leanest settings (says by how much and what to change).
 add("max-memory-unreadable", lambda c: Bad(c.run(max_memory="lots"), r"max_memory: .*'lots'.*8GiB"))
@@ -649,7 +655,8 @@ COMMAND_CASES = {
     "generate-from-a-gguf-file": (["generate", "--model", "{run}/gguf/x-q8_0.gguf", "--prompt", "hi"],
                                   r"only eval takes a \.gguf file"),
     "eval-of-a-missing-gguf-file": (["eval", "--model", "{run}/gguf/x-q8_0.gguf"], r"GGUF file not found"),
-    "export-of-an-unknown-type": (["export", "--model", "{run}", "--type", "q3_k"], r"--type: invalid choice: 'q3_k'"),
+    "export-of-an-unknown-type": (["export", "--model", "{run}", "--type", "q3_k"],
+                                  r"--type: invalid choice: 'q3_k' \(choose from 'f16', .*'q4_k_m', .*'q2_k'\)"),
     "estimate-unreadable-budget": (["--estimate", "lots"], r"--estimate: cannot read the budget 'lots'"),
 }
 for _id, (_argv, _culprit) in COMMAND_CASES.items():

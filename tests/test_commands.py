@@ -115,12 +115,6 @@ def test_qlora_merge_reloads_the_base_in_16_bit(make_cfg):
     assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
 
 
-def test_merge_adapter_and_export_gguf_keys_merge_and_export_at_the_end_of_training(make_cfg, tmp_path):
-    finetune.run_training(make_cfg(merge_adapter=True, export_gguf="q8_0", max_steps=1))
-    assert (tmp_path / "out" / "merged" / "model.safetensors").exists()
-    assert sorted(p.name for p in (tmp_path / "out" / "gguf").iterdir()) == ["out-q8_0.Modelfile", "out-q8_0.gguf"]
-
-
 def test_a_full_fine_tune_loads_with_transformers_and_needs_no_merge(full_run, tiny_model, capfd):
     from transformers import AutoModelForCausalLM
 

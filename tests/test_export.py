@@ -3,6 +3,7 @@ stop tokens and (only for chat-trained runs) the chat template, and comes with a
 exported is refused in one line, leaving earlier files whole."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 import finetune
 from conftest import tiny_llama, trained_run
 from export_families import FAMILIES, family_tokenizer, tiny_family_model
-from helpers import ROOT, assert_one_line_error, snapshot, write_jsonl
+from helpers import ROOT, assert_one_line_error, run_main, snapshot, write_jsonl
 
 
 def exported(out, gguf_type: str):
@@ -93,7 +94,8 @@ def test_the_file_carries_what_a_runtime_needs(exports, tiny_model):
 def test_the_modelfile_prompts_and_stops_as_training_did(exports, raw_run):
     out, _, _, files = exports
     chat = files["q8_0"].with_suffix(".Modelfile").read_text()
-    assert chat.startswith("FROM ./run-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in chat
+    assert chat.startswith("# q8_0: the type of run-q8_0.gguf, exported by finetune.py\nFROM ./run-q8_0.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in chat
     assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n" in chat
     raw = exported(raw_run[1], "q8_0")
     assert 'TEMPLATE """{{ .Prompt }}"""' in raw.with_suffix(".Modelfile").read_text()
@@ -176,3 +178,107 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_earlier_files_whole(ex
     assert_one_line_error(done.returncode, done.stdout, done.stderr,
                           r"export: cannot write .*gguf \(the disk is full\)")
     assert snapshot(out / "gguf") == before
+
+
+# Every export scored in llama.cpp itself, on the run's test rows, with the file's own template and stop tokens.
+
+def test_every_export_is_scored_in_llama_cpp_beside_the_trained_model(exports):
+    out, pairs, _, files = exports
+    summary = json.loads((out / "eval.json").read_text())
+    assert {path.name for path in files.values()} <= set(summary["exported"])
+    f16 = summary["exported"]["run-f16.gguf"]
+    assert f16["type"] == "f16" and f16["scores"]["examples"] == len(pairs) == 3
+    # llama.cpp reads the f16 file with its own template and tokenizer, and answers as the trained model did
+    assert f16["same_answers"] == 3 and f16["differ"] == [] and f16["not_stopped"] == 0
+    assert f16["scores"]["exact_match"] == summary["fine_tuned"]["exact_match"]
+
+
+def test_eval_of_a_gguf_file_scores_it_in_llama_cpp(exports, capfd):
+    out, _, _, files = exports
+    code, stdout, err = run_main(capfd, "eval", "--model", str(files["bf16"]))
+    assert code == 0, err
+    assert ["metric", "base", "fine-tuned", "llama.cpp", "bf16"] in [line.split() for line in stdout.splitlines()]
+    assert json.loads((out / "eval.json").read_text())["exported"]["run-bf16.gguf"]["type"] == "bf16"
+
+
+# Each K-quant on tiny models of hidden size 256 (a K-quant block), of two families, quantized by llama.cpp's
+# quantizer and run by llama.cpp: Phi-3 (its own architecture and tokenizer), every row a whole number of blocks, and
+# Llama (SmolLM2's tokenizer) with an MLP of 320, whose ffn_down rows fall back to another type.
+K_FAMILIES = ["llama", "phi3"]
+K_TYPE = finetune.LLAMA_QUANT_TYPES
+
+
+@pytest.fixture(scope="module")
+def wide_f32_files(tmp_path_factory, embedded_model, test_models) -> dict:
+    """Per family, a tiny model of hidden size 256 converted to an f32 GGUF by llama.cpp's converter."""
+    files = {}
+    for family in K_FAMILIES:
+        folder = tmp_path_factory.mktemp(family)
+        model = (tiny_llama(folder / "model", embedded_model, hidden_size=256, intermediate_size=320)
+                 if family == "llama" else
+                 tiny_family_model(folder / "model", family, family_tokenizer("phi-3", folder / "tokenizer"),
+                                   hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                   num_key_value_heads=4))
+        if family == "phi3":  # what export's staging writes for a sentencepiece-style vocabulary
+            spec = json.loads((model / "tokenizer.json").read_text())
+            (model / "tokenizer.model").write_bytes(finetune.sentencepiece_model(spec))
+        finetune.convert_to_gguf(model, folder / "f32.gguf", "f32")
+        files[family] = folder / "f32.gguf"
+    return files
+
+
+@pytest.mark.parametrize("family", K_FAMILIES)
+def test_each_k_quant_is_written_by_llama_cpp_and_runs_in_it(wide_f32_files, family, tmp_path):
+    source, prompt = wide_f32_files[family], finetune.TestPair("hi", [1] * 4, "", "x", request={"text": "Hello"})
+    sizes = {}
+    for gguf_type in K_TYPE:
+        path = tmp_path / f"{gguf_type}.gguf"
+        note = finetune.llama_quantized(source, path, gguf_type, None)
+        fallback = "; 2 of 20 tensors have rows of 320 values, which do not divide into its 256-value blocks: " \
+                   "llama.cpp's quantizer wrote them as .* instead"
+        assert re.fullmatch(rf"{gguf_type}: [\d.]+ bits per weight{fallback if family == 'llama' else ''}", note), note
+        read_type, (answer,) = finetune.llama_cpp_answers(path, [prompt], max_new_tokens=4)
+        assert read_type == gguf_type and (answer["stopped"] or answer["answer"])
+        sizes[gguf_type] = path.stat().st_size
+    assert sizes["q2_k"] < sizes["q3_k_m"] < sizes["q4_k_s"] < sizes["q4_k_m"] < sizes["q5_k_s"] < sizes["q5_k_m"] \
+        < sizes["q6_k"] < source.stat().st_size / 4
+    if family == "llama":  # the tensor types of one of them (each read of the file's 49k tokens takes 2 s)
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q4_k_m.gguf").tensors}
+        assert types["blk.0.ffn_up.weight"] == "Q4_K"
+
+
+QUANTIZE_UNDER_A_SIZE_LIMIT = """\
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+sys.path.insert(0, {root!r})
+import finetune
+finetune.llama_quantized(finetune.Path(sys.argv[1]), finetune.Path(sys.argv[2]), "q4_k_m", None)
+"""
+
+
+def test_a_full_disk_while_quantizing_is_a_disk_full_error_and_leaves_no_partial_file(wide_f32_files, tmp_path):
+    done = subprocess.run([sys.executable, "-c", QUANTIZE_UNDER_A_SIZE_LIMIT.format(root=str(ROOT)),
+                           str(wide_f32_files["llama"]), str(tmp_path / "out.gguf")], capture_output=True, text=True)
+    assert done.returncode and done.stderr.splitlines()[-1] == "OSError: [Errno 27] File too large", done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # export turns this error into its one line (the f16 case above)
+
+
+def test_a_gguf_base_trains_merges_and_exports_a_k_quant_with_an_importance_matrix(wide_f32_files, tmp_path,
+                                                                                    pc_rows):
+    _, out = trained_run(tmp_path, wide_f32_files["llama"], write_jsonl(tmp_path / "d.jsonl", pc_rows[:8]), max_steps=2,
+                         merge_adapter=True, export_gguf="q3_k_m", eval_strategy="no", validation_split=0)
+    assert finetune.saved_plan(out).architecture == "LlamaForCausalLM"
+    assert (out / "merged" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "gguf").iterdir()) == ["run-q3_k_m.Modelfile", "run-q3_k_m.gguf"]
+    fields = gguf.GGUFReader(out / "gguf" / "run-q3_k_m.gguf").fields
+    assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q3_K_M
+    assert fields["quantize.imatrix.chunks_count"].contents() >= 1  # q3_k_m: an importance matrix by default
+    exported = json.loads((out / "eval.json").read_text())["exported"]["run-q3_k_m.gguf"]
+    assert exported["type"] == "q3_k_m" and exported["scores"]["examples"] == 3 and exported["imatrix"] is True
+    imatrix, quantized = exported["notes"]
+    assert re.fullmatch(r"importance matrix: computed by llama.cpp over \d+ tokens of training rows \(\d+-token "
+                        r"chunks\)", imatrix)
+    assert re.fullmatch(r"q3_k_m: [\d.]+ bits per weight; 2 of \d+ tensors have rows of 320 values, which do not "
+                        r"divide into its 256-value blocks: llama.cpp's quantizer wrote them as q\d_\d instead",
+                        quantized)

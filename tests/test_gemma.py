@@ -74,3 +74,6 @@ def test_merge_and_export_the_chat_run_with_its_template(chat_run, capfd):
     fields = gguf.GGUFReader(chat_run / "gguf" / "run-q8_0.gguf").fields
     assert fields["general.architecture"].contents() == "gemma3"
     assert fields["tokenizer.chat_template"].contents() == (ROOT / "templates" / "gemma.jinja").read_text()
+    # scored in llama.cpp with that template and Gemma's end of turn: every answer stops as the trained model's does
+    exported = json.loads((chat_run / "eval.json").read_text())["exported"]["run-q8_0.gguf"]
+    assert exported["scores"]["examples"] == 3 and exported["not_stopped"] == 0
