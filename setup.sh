@@ -88,7 +88,7 @@ if [ "${1:-}" = "--test-models" ]; then  # on top of a set-up .venv
   test_models
   exit 0
 fi
-if [ "${1:-}" = "--llama-cpp" ]; then
+if [ "${1:-}" = "--llama-cpp" ]; then  # on top of a set-up .venv
   llama_cpp
   exit 0
 fi
