@@ -2035,10 +2035,15 @@ def served_request(tokenizer, prompt: str | list[dict], cfg: Config, plan: Plan,
 def prompt_ids(tokenizer, prompt: str | list[dict], cfg: Config, plan: Plan, tools: list | None = None) -> list[int]:
     """Token ids of what a model sees before it answers, exactly as training showed it: a raw prompt with the
     tokenizer's own BOS, or (chat format, or a conversation) the chat template up to the assistant's turn."""
-    request = served_request(tokenizer, prompt, cfg, plan, tools)
+    return request_ids(tokenizer, served_request(tokenizer, prompt, cfg, plan, tools))
+
+
+def request_ids(tokenizer, request: dict) -> list[int]:
+    """Token ids of a served_request, as prompt_ids gives them."""
     if "text" in request:
         return tokenizer(request["text"])["input_ids"]
-    text = tokenizer.apply_chat_template(request["messages"], tools=tools, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(request["messages"], tools=request["tools"], tokenize=False,
+                                         add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own special tokens
 
 
@@ -2425,8 +2430,8 @@ def test_pair(row: dict, number: int, entry: DatasetEntry, where: str, tokenizer
     if entry.format == "prompt_completion":
         prompt = field_text(row, entry.prompt_field, number, where)
         reference = field_text(row, entry.completion_field, number, where)
-        return TestPair(prompt, prompt_ids(tokenizer, prompt, cfg, plan), reference, entry.name,
-                        request=served_request(tokenizer, prompt, cfg, plan))
+        request = served_request(tokenizer, prompt, cfg, plan)
+        return TestPair(prompt, request_ids(tokenizer, request), reference, entry.name, request=request)
     if entry.format in ("messages", "sharegpt") and not plan.chat:
         raise UserError(f"test rows {where}: {entry.format} rows are conversations in the chat template, and this run "
                         f"trains raw prompts; give test rows in the training rows' shape")
@@ -2439,8 +2444,8 @@ def test_pair(row: dict, number: int, entry: DatasetEntry, where: str, tokenizer
     if not replies:
         raise UserError(f"test rows {where}: row {number} has no assistant message to score against")
     history, reply = messages[:replies[-1]], messages[replies[-1]]
-    ids = prompt_ids(tokenizer, history, cfg, plan, tools)
     request = served_request(tokenizer, history, cfg, plan, tools)
+    ids = request_ids(tokenizer, request)
     if not (reply.get("tool_calls") or "reasoning_content" in reply and cfg.reasoning != "drop"):
         return TestPair(history[-1]["content"], ids, reply["content"], entry.name, request=request)
     # The reference is the reply as the template writes it (a tool call in the template's own syntax, a shown trace).
@@ -3550,11 +3555,10 @@ def export_run(run: FinishedRun, gguf_type: str) -> Path:
             out.parent.rmdir()
     for note in notes:
         print(note)
-    modelfile = out.with_suffix(".Modelfile")
-    print(f"exported {out} ({out.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - started:.0f} s); for "
-          f"Ollama: ollama create {out.stem} -f {modelfile}")
-    record_gguf_scores(run, out, {"mib": round(out.stat().st_size / 2**20, 1), "imatrix": imatrix,
-                                  "export_seconds": round(time.perf_counter() - started, 1), "notes": notes})
+    modelfile, mib, seconds = out.with_suffix(".Modelfile"), out.stat().st_size / 2**20, time.perf_counter() - started
+    print(f"exported {out} ({mib:.0f} MiB in {seconds:.0f} s); for Ollama: ollama create {out.stem} -f {modelfile}")
+    record_gguf_scores(run, out, {"mib": round(mib, 1), "imatrix": imatrix, "export_seconds": round(seconds, 1),
+                                  "notes": notes})
     return out
 
 
@@ -3613,8 +3617,9 @@ def llama_quantized(source: Path, dest: Path, gguf_type: str, imatrix: Path | No
 
 
 def tool_failure(done, what: str) -> Exception:
-    """A llama.cpp tool's failure: a full disk (or a file size limit, which kills it with SIGXFSZ where Python would
-    get an error) as the OSError export turns into its one line; anything else as itself."""
+    """A llama.cpp tool's failure (the converter's too): a full disk (or a file size limit, which kills a C++ tool with
+    SIGXFSZ where Python would get an error) as the OSError export turns into its one line; anything else as
+    itself."""
     log = done.stdout + done.stderr
     if done.returncode == -signal.SIGXFSZ:
         return OSError(27, "File too large")
@@ -3752,13 +3757,12 @@ def convert_to_gguf(source: Path, dest: Path, outtype: str) -> None:
                            "--outtype", outtype], env={**os.environ, "PYTHONPATH": path}, capture_output=True,
                           text=True)
     if done.returncode:
-        if full := DISK_FULL.search(done.stderr):
-            raise OSError(full[0])
-        if "BPE pre-tokenizer was not recognized" in done.stderr:
-            raise UserError("export: llama.cpp does not know this tokenizer's pre-tokenizer, so it would split text "
-                            "differently from training; export is refused rather than silently wrong (serve the "
-                            "merged model instead)")
-        raise RuntimeError(f"llama.cpp's converter failed on {source}:\n{done.stderr[-4000:]}")
+        failure = tool_failure(done, f"llama.cpp's converter failed on {source}")
+        if isinstance(failure, OSError) or "BPE pre-tokenizer was not recognized" not in done.stderr:
+            raise failure
+        raise UserError("export: llama.cpp does not know this tokenizer's pre-tokenizer, so it would split text "
+                        "differently from training; export is refused rather than silently wrong (serve the merged "
+                        "model instead)")
 
 
 def finish_gguf(run: FinishedRun, source: Path, dest: Path, gguf_type: str, name: str) -> None:
@@ -3874,9 +3878,9 @@ print(json.dumps({"file_type": llm.metadata.get("general.file_type"), "answers":
 def llama_cpp_answers(path: Path, pairs: list[TestPair], max_new_tokens: int) -> tuple[str, list[dict]]:
     """(the file's type as llama.cpp reads it, as export names it; [{answer, stopped}] to the test rows), in llama.cpp
     (LLAMA_CPP_ANSWERS)."""
-    import gguf
-
     import subprocess
+
+    import gguf
 
     path_var = os.pathsep.join(filter(None, [str(llama_cpp_tools() / "python"), os.environ.get("PYTHONPATH")]))
     context = max(len(p.ids) for p in pairs) * 2 + max_new_tokens + 16  # its tokenizer may split a little differently
@@ -3891,14 +3895,14 @@ def llama_cpp_answers(path: Path, pairs: list[TestPair], max_new_tokens: int) ->
     return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower(), found["answers"]
 
 
-def record_gguf_scores(run: FinishedRun, path: Path, about: dict | None = None) -> dict | None:
+def record_gguf_scores(run: FinishedRun, path: Path, about: dict | None = None) -> None:
     """The file's scores in llama.cpp on the run's test rows beside the trained model's: printed as a column of the
     table, and kept in eval.json (exported.<file name>) with the answers that differ from the trained model's. A file
     that scores more than 5 points under it, or does not stop where it did, is a loud warning naming a type to try."""
     cfg, pairs, summary = run.cfg, run.test_pairs, run.summary
     if not pairs:
         print(f"{path.name} is not scored: the run has no test rows (set test_dataset, or validation_split > 0)")
-        return None
+        return
     print(f"scoring {path.name} in llama.cpp on {len(pairs)} test prompts (greedy, its own template and stop "
           f"tokens) ...", flush=True)
     started = time.perf_counter()
@@ -3906,16 +3910,17 @@ def record_gguf_scores(run: FinishedRun, path: Path, about: dict | None = None) 
     answers = [a["answer"] for a in answered]
     scores = scored_answers(answers, pairs)
     print(f"  scored in {time.perf_counter() - started:.1f} s")
-    tuned, trained = summary.get("fine_tuned"), summary.get("answers")
-    same = [t is not None and a.strip() == t.strip() for a, t in zip(answers, trained or [None] * len(pairs))]
+    # the trained model's answers, kept in eval.json since this release (None for a run trained before)
+    tuned, trained = summary.get("fine_tuned"), summary.get("answers") or [None] * len(pairs)
+    same = [t is not None and a.strip() == t.strip() for a, t in zip(answers, trained)]
     differ = [{"prompt": p.prompt, "reference": p.reference, "fine_tuned": t, "gguf": a, "source": p.source}
-              for p, a, t, s in zip(pairs, answers, trained or [], same) if not s]
+              for p, a, t, s in zip(pairs, answers, trained, same) if t is not None and not s]
     # A row the trained model also ran to max tokens on (its answer as long as that) is not the file's fault
     ran_out = [t is None or len(run.tokenizer(t, add_special_tokens=False)["input_ids"]) >= cfg.eval_max_new_tokens
-               for t in trained or [None] * len(pairs)]
+               for t in trained]
     unstopped = sum(not a["stopped"] and not r for a, r in zip(answered, ran_out))
     print(results_table(summary.get("base"), tuned, (f"llama.cpp {gguf_type}", scores)))
-    if trained:
+    if summary.get("answers"):
         print(f"{path.name} answers {sum(same)} of {len(pairs)} test prompts exactly as the trained model does")
     step_up = STEP_UP.get(gguf_type, "f16")
     for metric in ("exact_match", "token_f1"):
@@ -3931,7 +3936,6 @@ def record_gguf_scores(run: FinishedRun, path: Path, about: dict | None = None) 
                                                      "same_answers": sum(same), "not_stopped": unstopped,
                                                      "differ": differ}
     write_summary(run.folder, summary)
-    return scores
 
 
 # =====================================================================================================================

@@ -37,23 +37,23 @@ llama_cpp() {
   echo "building llama.cpp (llama-cpp-python $LLAMA_CPP_PYTHON's) in $LLAMA_CPP, once: a few minutes ..."
   BUILD=$(mktemp -d "$CACHE/.llama.cpp.XXXXXX") && trap 'rm -rf "$BUILD"' EXIT
   llama_cpp_source "$BUILD"
-  local src=$BUILD/llama_cpp_python-$LLAMA_CPP_PYTHON tmp=$BUILD generator=()
+  local src=$BUILD/llama_cpp_python-$LLAMA_CPP_PYTHON generator=()
   command -v ninja >/dev/null && generator=(-G Ninja)
   # A portable x86-64 baseline (AVX2), never -march=native: a native build has died with an illegal instruction at the
   # first matmul on a virtual machine whose CPU flags advertise more than it runs. Shared libraries for the binding;
   # every binary finds them beside itself.
-  cmake -S "$src/vendor/llama.cpp" -B "$tmp/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
+  cmake -S "$src/vendor/llama.cpp" -B "$BUILD/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN' \
     -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    >"$tmp/configure.log" || { cat "$tmp/configure.log"; exit 1; }
-  cmake --build "$tmp/build" --target llama-quantize llama-imatrix -j "$(nproc)"
-  mkdir -p "$tmp/out/bin" "$tmp/out/python"
-  cp -P "$tmp"/build/bin/llama-quantize "$tmp"/build/bin/llama-imatrix "$tmp"/build/bin/lib*.so* "$tmp/out/bin/"
+    >"$BUILD/configure.log" || { cat "$BUILD/configure.log"; exit 1; }
+  cmake --build "$BUILD/build" --target llama-quantize llama-imatrix -j "$(nproc)"
+  mkdir -p "$BUILD/out/bin" "$BUILD/out/python"
+  cp -P "$BUILD"/build/bin/llama-quantize "$BUILD"/build/bin/llama-imatrix "$BUILD"/build/bin/lib*.so* "$BUILD/out/bin/"
   # The binding (pure Python, loading the libraries above) and its one dependency outside requirements.txt.
-  cp -r "$src/llama_cpp" "$tmp/out/python/" && ln -s ../../bin "$tmp/out/python/llama_cpp/lib"
-  "${PIP[@]}" --no-deps --target "$tmp/out/python" diskcache==5.6.3
-  rm -rf "$LLAMA_CPP" && mv "$tmp/out" "$LLAMA_CPP"
+  cp -r "$src/llama_cpp" "$BUILD/out/python/" && ln -s ../../bin "$BUILD/out/python/llama_cpp/lib"
+  "${PIP[@]}" --no-deps --target "$BUILD/out/python" diskcache==5.6.3
+  rm -rf "$LLAMA_CPP" && mv "$BUILD/out" "$LLAMA_CPP"
   echo "built llama.cpp in $LLAMA_CPP"
 }
 
