@@ -236,6 +236,20 @@ class Config(BaseModel):
     max_memory: str | None = Field(None, description=(
         "Memory budget like 8GiB: batch size, checkpointing and scoring batches are fitted to it, or the run refuses."))
 
+    # preference tuning: the stage after supervised fine-tuning
+    stage: Literal["sft", "dpo", "kto"] = Field("sft", description=(
+        "What the run teaches: sft (the answers), dpo (chosen over rejected answers, from prompt/chosen/rejected "
+        "rows) or kto (answers labelled good or bad, from prompt/completion/label rows)."))
+    beta: float = Field(0.1, gt=0, description=(
+        "dpo/kto: how far the model may move from the reference (the model the stage starts from); lower = further."))
+    loss_type: str | list[str] | None = Field(None, description=(
+        "dpo/kto: TRL's loss name, or a list summed by loss_weights, e.g. [sigmoid, sft] (null = sigmoid for dpo, "
+        "kto for kto)."))
+    loss_weights: list[float] | None = Field(None, description=(
+        "dpo: the weight of each loss in loss_type, in order (null = 1 each)."))
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the rows labelled true in the loss.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the rows labelled false in the loss.")
+
     # evaluation, logging, checkpoints
     eval_strategy: Literal["steps", "epoch", "no"] = Field("steps", description=(
         "When to compute validation loss and token accuracy."))
@@ -359,6 +373,12 @@ class Config(BaseModel):
             (self.peft_target_modules == [], "peft_target_modules is empty: use all-linear or name at least one"),
             (self.streaming and self.max_steps <= 0,
              "streaming has no row count to plan epochs from: set max_steps > 0, or streaming: false"),
+            (self.stage != "sft" and self.prompt_loss_weight > 0,
+             f"prompt_loss_weight weighs prompt tokens in the supervised loss, and stage: {self.stage} scores the "
+             f"answers only: set prompt_loss_weight: 0, or stage: sft"),
+            (self.stage != "sft" and self.streaming,
+             f"stage: {self.stage} computes the reference model's log-probabilities of every row before training, "
+             f"which a stream does not allow: set streaming: false"),
             (self.gguf_imatrix and self.export_gguf and self.export_gguf not in LLAMA_QUANT_TYPES,
              f"gguf_imatrix: {self.export_gguf} is not quantized by llama.cpp's quantizer, which is what uses an "
              f"importance matrix: export one of {', '.join(LLAMA_QUANT_TYPES)}, or set gguf_imatrix: null"),
@@ -366,10 +386,43 @@ class Config(BaseModel):
         for refused, message in refusals:
             if refused:
                 raise ValueError(message)
+        self._check_losses()
         tests = self.test_dataset if isinstance(self.test_dataset, list) else []
         if any(getattr(entry, "weight", None) is not None for entry in tests):
             raise ValueError("test_dataset: weight mixes training data only; remove it from the test entries")
         return self
+
+    @property
+    def losses(self) -> list[tuple[str, float]]:
+        """(name, weight) of each loss the preference stage sums."""
+        names = self.loss_type or PREFERENCE_LOSSES[self.stage][0]
+        names = [names] if isinstance(names, str) else names
+        return list(zip(names, self.loss_weights or [1.0] * len(names)))
+
+    def _check_losses(self) -> None:
+        if self.stage == "sft":
+            if self.loss_type is not None or self.loss_weights is not None:
+                raise ValueError("loss_type and loss_weights are for the preference stages: set stage: dpo or kto, or "
+                                 "remove them")
+            return
+        known = PREFERENCE_LOSSES[self.stage]
+        names = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type or [known[0]]
+        for position, name in enumerate(names, 1):
+            if name not in known:
+                at = f" (item {position})" if isinstance(self.loss_type, list) else ""
+                raise ValueError(f"loss_type{at}: {name!r} is not a {self.stage} loss{did_you_mean(name, known)}; "
+                                 f"known: {', '.join(known)}")
+        if len(set(names)) < len(names):
+            raise ValueError(f"loss_type names a loss twice ({names}): give each once, weighted by loss_weights")
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} weights for {len(names)} losses in "
+                             f"loss_type: give one per loss, in order")
+
+
+# The losses of each preference stage under TRL's names (DPOConfig.loss_type, KTOConfig.loss_type), its default first.
+PREFERENCE_LOSSES = {"dpo": ("sigmoid", "hinge", "ipo", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+                             "sft"),
+                     "kto": ("kto", "apo_zero_unpaired"), "sft": ()}
 
 
 def refuse_bool_number(key: str, value: Any, field) -> None:
@@ -845,7 +898,9 @@ def estimate_memory(cfg: Config, model_config, plan: Plan) -> dict[str, int]:
         trainable = linear + embed
     state_bytes = {"sgd": 0, "adafactor": 1, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2,
                    "lion_8bit": 1}.get(cfg.optim, 8)  # Adam: two fp32 moments per trainable parameter
-    tokens = plan.batch_size * cfg.seq_length
+    # dpo's step runs chosen and rejected in one batch; kto's second sequences (the KL estimate's) run without
+    # gradients, so nothing of them is kept.
+    tokens = plan.batch_size * cfg.seq_length * (2 if cfg.stage == "dpo" else 1)
     # What autograd keeps per token and layer for backward, counted from a Llama layer with LoRA on every linear
     # (norm inputs and outputs, q/k/v/o and their LoRA inputs, attention output, the MLP's gate, up, product and
     # activation): about 16 hidden + 8 kv + 5 intermediate values, times a factor fitted to the peaks that
@@ -1269,6 +1324,8 @@ def prepared_run(cfg: Config, validating: bool = False):
     # Ranks other than 0 run beside rank 0, which holds the lock: checking it would refuse their own run.
     with output_dir_lock(cfg.output_dir, hold=not validating) if machine.rank == 0 else nullcontext():
         check_sharding(cfg, machine)
+        if machine.rank == 0:
+            start_from_run(cfg)
         tokenizer = load_tokenizer(cfg)
         model_config = load_model_config(cfg)
         check_model_files(cfg)
@@ -1298,9 +1355,14 @@ def run_training(cfg: Config) -> Path:
         trainer = make_trainer(cfg, run, model, memory)
         summary: dict[str, Any] = {"data": run.data.describe(), "scored_with": scored_with(plan)}
         pairs = run.data.test_pairs if plan.main_process else []
-        if cfg.eval_before and pairs:
-            with memory.phase("base scoring"):
+        prefs = run.data.test_preferences if plan.main_process else None
+        with memory.phase("base scoring"):
+            # A preference stage's reference on its test rows: the model before its first step.
+            ref = test_logps(trainer.model, prefs, plan, cfg, run.tokenizer.pad_token_id) if prefs else None
+            if cfg.eval_before and pairs:
                 summary["base"], _ = score_generation(trainer.model, run.tokenizer, pairs, cfg, plan, "base model")
+            if cfg.eval_before and prefs:
+                summary["base"] = with_scores(summary.get("base"), preference_scores(cfg, ref, ref, prefs))
         with memory.phase("training"):
             run_trainer(trainer, run.checkpoint, cfg)
         if not plan.main_process:
@@ -1309,7 +1371,11 @@ def run_training(cfg: Config) -> Path:
         report_training(trainer.state, cfg)
         if pairs:
             with memory.phase("fine-tuned scoring"):
-                summary.update(fine_tuned_scores(trainer.model, run.tokenizer, pairs, cfg, plan, summary.get("base")))
+                preference = (preference_scores(cfg, test_logps(trainer.model, prefs, plan, cfg,
+                                                                run.tokenizer.pad_token_id), ref, prefs)
+                              if prefs else None)
+                summary.update(fine_tuned_scores(trainer.model, run.tokenizer, pairs, cfg, plan, summary.get("base"),
+                                                 preference))
         with memory.phase("save"):
             out = write_final(trainer.model, run.tokenizer, cfg, plan, {**summary, "memory": memory.summary()})
         print(f"saved to {out} in {time.time() - started:.0f} s")
@@ -1351,6 +1417,7 @@ def preview_run(cfg: Config, rows: int, colour: bool) -> None:
     counts and its trained tokens marked: green on a terminal, [[...]] otherwise. Reads no model weights."""
     import itertools
 
+    start_from_run(cfg)
     tokenizer = load_tokenizer(cfg)
     sources = load_sources(cfg)
     plan = make_plan(cfg, tokenizer, load_model_config(cfg), this_machine(), [s.format for s in sources])
@@ -1362,15 +1429,25 @@ def preview_run(cfg: Config, rows: int, colour: bool) -> None:
         sample = list(itertools.islice(source.train, max(rows, 0)))
         if not sample:
             continue
-        tokens = tokenized_batch({k: [r[k] for r in sample] for k in sample[0]}, tokenizer, source, cfg, plan)
-        for number, ids, weights, length in zip([r[ROW] for r in sample], tokens["input_ids"], tokens["loss_weights"],
-                                                tokens["length"]):
-            cut = f", cut from {length} at seq_length={cfg.seq_length}" if length > len(ids) else ""
-            print(f"\n--- dataset {source.where}, row {number}: {len(ids)} tokens, {int((weights == 1).sum())} "
-                  f"trained{cut}")
-            runs = itertools.groupby(zip(ids, weights == 1), key=lambda pair: pair[1])
-            print("".join(f"{start}{text}{end}" if trained else text
-                          for trained, run in runs for text in [tokenizer.decode([i for i, _ in run])]))
+        tokens = tokenizing(cfg)({k: [r[k] for r in sample] for k in sample[0]}, tokenizer, source, cfg, plan)
+        for j, number in enumerate(r[ROW] for r in sample):
+            for side, ids_key, weights_key in preview_sides(cfg.stage, tokens, j):
+                ids, weights = tokens[ids_key][j], tokens[weights_key][j]
+                cut = f", cut at seq_length={cfg.seq_length}" if tokens["length"][j] > len(ids) else ""
+                print(f"\n--- dataset {source.where}, row {number}{side}: {len(ids)} tokens, "
+                      f"{int((weights == 1).sum())} trained{cut}")
+                runs = itertools.groupby(zip(ids, weights == 1), key=lambda pair: pair[1])
+                print("".join(f"{start}{text}{end}" if trained else text
+                              for trained, run in runs for text in [tokenizer.decode([i for i, _ in run])]))
+
+
+def preview_sides(stage: str, tokens: dict, j: int) -> list[tuple[str, str, str]]:
+    """(what preview calls it, ids column, weights column) of each sequence an example trains on."""
+    if stage == "sft":
+        return [("", "input_ids", "loss_weights")]
+    first = ", chosen" if stage == "dpo" else f", label {str(tokens['label'][j]).lower()}"
+    second = ", rejected" if stage == "dpo" else ", its prompt with the next row's answer (for the KL estimate)"
+    return [(first, "input_ids", "loss_weights"), (second, "paired_ids", "paired_weights")]
 
 
 # =====================================================================================================================
@@ -1414,6 +1491,7 @@ class Data:
     train: Any  # tokenized and mixed
     validation: Any  # tokenized, from every source; or None
     test_pairs: list[TestPair]
+    test_preferences: Any  # a preference stage's test rows, tokenized (load_test_preferences); None in sft
     lengths: list[Any]  # numpy arrays: token lengths of each source's training rows, before any cut
     shares: list[float]  # each source's share of the training mix
     seq_length: int
@@ -1475,7 +1553,8 @@ def load_data(cfg: Config, plan: Plan, tokenizer, sources: list[Source]) -> Data
 
     return Data(sources=sources, train=mix_by_weight(train_sets, weights, cfg.seed),
                 validation=datasets.concatenate_datasets(validation_sets) if validation_sets else None,
-                test_pairs=load_test_pairs(cfg, plan, tokenizer, sources), lengths=lengths, shares=shares,
+                test_pairs=load_test_pairs(cfg, plan, tokenizer, sources),
+                test_preferences=load_test_preferences(cfg, plan, tokenizer, sources), lengths=lengths, shares=shares,
                 seq_length=cfg.seq_length)
 
 
@@ -1515,7 +1594,7 @@ def load_sources(cfg: Config) -> list[Source]:
             continue
         rows = read_rows(entry, cfg, where)
         rows = rows.add_column(ROW, np.arange(1, len(rows) + 1), new_fingerprint=f"{rows._fingerprint}-numbered")
-        entry = shaped_entry(rows, entry, where)
+        entry = shaped_entry(rows, entry, where, cfg.stage)
         if cfg.validation_split == 0:
             sources.append(Source(entry, where, rows, None))
             continue
@@ -1579,12 +1658,14 @@ def local_data_files(name: str, where: str) -> list[Path] | None:
     return None
 
 
-def check_json_lines(path: Path, text_fields: tuple[str, ...], conversation_fields: tuple[str, ...]) -> None:
+def check_json_lines(path: Path, text_fields: tuple[str, ...], conversation_fields: tuple[str, ...],
+                     either: tuple[str, ...] = ()) -> None:
     """datasets' JSON errors name neither file nor line, and a column of mixed types gets JSON-parsed into objects;
     this scan (constant memory) names the line of a broken row, of a text field that is not text, of a conversation
-    that is no list of objects, or of a malformed tool list. What a conversation's messages say is checked with its
-    shape, once the columns have decided it."""
-    rows = 0
+    that is no list of objects, of a field of `either` (text or a conversation) that is not the kind its first row
+    holds, or of a malformed tool list. What a conversation's messages say is checked with its shape, once the
+    columns have decided it."""
+    rows, kinds = 0, {}
     try:
         f = path.open("rb")
     except OSError as e:
@@ -1609,10 +1690,21 @@ def check_json_lines(path: Path, text_fields: tuple[str, ...], conversation_fiel
             for field in (*text_fields, *alpaca):
                 if field in row and not isinstance(row[field], str) and not (field in alpaca and row[field] is None):
                     raise UserError(f"{path}:{number}: {field!r} is {type(row[field]).__name__}, expected text")
+            for field in either:
+                value = row.get(field)
+                if value is not None and not isinstance(value, (str, list, dict)):
+                    raise UserError(f"{path}:{number}: {field!r} is {type(value).__name__}, expected text or a list "
+                                    f"of messages")
+                kind = "text" if isinstance(value, str) else "a list of messages"
+                if value is not None and kinds.setdefault(field, (kind, number))[0] != kind:
+                    raise UserError(f"{path}:{number}: {field!r} is {kind}, and row {kinds[field][1]}'s is "
+                                    f"{kinds[field][0]}: a column holds one kind in every row; write them alike")
             for field in conversation_fields:
                 messages = message_list(row.get(field))
-                if field in row and not (isinstance(messages, list) and messages
-                                         and all(isinstance(m, dict) for m in messages)):
+                if field in either and isinstance(row.get(field), str):
+                    continue
+                if field in row and row[field] is not None and not (
+                        isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
                     raise UserError(f"dataset {path}: row {number}: {field!r} must be a non-empty list of message "
                                     f"objects ({{role, content}} or {{from, value}}), got {str(row[field])[:60]}")
                 for i, m in enumerate(messages if field in row else [], 1):
@@ -1648,11 +1740,13 @@ def read_rows(entry: DatasetEntry, cfg: Config, where: str, streaming: bool = Fa
                             f"network and HF_TOKEN") from None
     else:
         text_fields = (entry.prompt_field, entry.completion_field, entry.dataset_text_field)
+        either = (entry.prompt_field, entry.completion_field, "chosen", "rejected") if cfg.stage != "sft" else ()
         for file in files:
             if file.stat().st_size == 0:
                 raise UserError(f"dataset file {file} is empty: no rows")
             if file.suffix == ".jsonl":
-                check_json_lines(file, text_fields, (entry.messages_field, "conversations"))
+                check_json_lines(file, tuple(f for f in text_fields if f not in either),
+                                 (entry.messages_field, "conversations", *either), either)
         try:
             rows = datasets.load_dataset(DATA_BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
                                          split="train", streaming=streaming, **reader_options(files))
@@ -1662,9 +1756,43 @@ def read_rows(entry: DatasetEntry, cfg: Config, where: str, streaming: bool = Fa
                 raise UserError(f"dataset {where} is empty: no rows") from None
             kind = {"json": "JSON", "csv": "CSV", "parquet": "Parquet"}[DATA_BUILDERS[files[0].suffix]]
             raise UserError(f"dataset {where}: cannot read it as {kind} ({message})") from None
+        if DATA_BUILDERS[files[0].suffix] == "json" and read_as_dates(rows):
+            rows = json_rows_as_written(files, streaming)
     if not streaming and len(rows) == 0:  # a stream is found empty when it is read
         raise UserError(f"dataset {where} is empty: no rows")
     return rows
+
+
+def read_as_dates(rows) -> bool:
+    """Whether Arrow's JSON reader took text for dates anywhere in the rows (a message's content too): it reads
+    "2024-03-05" as a timestamp."""
+    import pyarrow as pa
+
+    def dates(t) -> bool:
+        if pa.types.is_timestamp(t) or pa.types.is_date(t):
+            return True
+        if pa.types.is_struct(t):
+            return any(dates(t.field(i).type) for i in range(t.num_fields))
+        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and dates(t.value_type)
+
+    return rows.features is not None and any(map(dates, rows.features.arrow_schema.types))
+
+
+def json_rows_as_written(files: list[Path], streaming: bool):
+    """JSON files read by Python's json module, each value as written (for a column Arrow would turn into dates)."""
+    import datasets
+
+    def rows(paths, versions):  # versions: each file's size and time, so that a cache of an older file is not read
+        for path in map(Path, paths):
+            if path.suffix == ".json":
+                yield from json.loads(path.read_text(encoding="utf-8-sig"))
+                continue
+            with path.open(encoding="utf-8-sig") as f:
+                yield from (json.loads(line) for line in f if line.strip())
+
+    kind = datasets.IterableDataset if streaming else datasets.Dataset
+    versions = [(f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return kind.from_generator(rows, gen_kwargs={"paths": [str(f) for f in files], "versions": versions})
 
 
 def reader_options(files: list[Path]) -> dict:
@@ -1737,13 +1865,30 @@ def decided_shape(columns: list[str], firsts: list, entry: DatasetEntry, where: 
     return entry.model_copy(update={"format": shape, "messages_field": conversations or entry.messages_field})
 
 
-def shaped_entry(rows, entry: DatasetEntry, where: str) -> DatasetEntry:
-    """The entry of a dataset's rows with their shape decided (from the first 100 conversations, if it has them), each
-    column the shape leaves unread named."""
-    column = conversation_column(rows.column_names, entry)
-    shaped = decided_shape(rows.column_names, rows[:100][column] if column else [], entry, where)
+def shaped_entry(rows, entry: DatasetEntry, where: str, stage: str = "sft") -> DatasetEntry:
+    """The entry of a dataset's rows with their shape decided (from the first 100 conversations, if it has them; a
+    preference stage's own shape), each column the shape leaves unread named."""
+    if stage != "sft":
+        shaped = preference_entry(rows.column_names, entry, where, stage)
+    else:
+        column = conversation_column(rows.column_names, entry)
+        shaped = decided_shape(rows.column_names, rows[:100][column] if column else [], entry, where)
     warn_unused_columns(rows, shaped, where)
     return shaped
+
+
+def preference_entry(columns: list[str], entry: DatasetEntry, where: str, stage: str) -> DatasetEntry:
+    """The entry of a preference stage's rows, their shape (dpo: pairs, kto: labelled answers) checked by its columns:
+    TRL's, with the prompt under prompt_field and kto's answer under completion_field."""
+    needed = ["chosen", "rejected"] if stage == "dpo" else [entry.completion_field, "label"]
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        shape = ("prompt + chosen + rejected (text, or messages; without a prompt, chosen and rejected begin with it)"
+                 if stage == "dpo" else "prompt + completion + label (true or false)")
+        raise UserError(f"dataset {where}: stage: {stage} trains on rows of {shape}, and these rows have "
+                        f"{sorted(c for c in columns if c != ROW)}: no {missing[0]!r}; rename the columns, or set "
+                        f"stage: sft for supervised rows")
+    return entry.model_copy(update={"format": stage})
 
 
 def conversation_column(columns: list[str], entry: DatasetEntry) -> str | None:
@@ -1768,7 +1913,9 @@ def message_list(messages: Any) -> Any:
 def used_columns(entry: DatasetEntry) -> set[str]:
     return {"prompt_completion": {entry.prompt_field, entry.completion_field}, "text": {entry.dataset_text_field},
             "alpaca": set(ALPACA_COLUMNS), "messages": {entry.messages_field, *MESSAGES_COLUMNS},
-            "sharegpt": {entry.messages_field, *SHAREGPT_COLUMNS}}[entry.format] | {ROW}
+            "sharegpt": {entry.messages_field, *SHAREGPT_COLUMNS},
+            "dpo": {entry.prompt_field, "chosen", "rejected", *MESSAGES_COLUMNS},
+            "kto": {entry.prompt_field, entry.completion_field, "label", *MESSAGES_COLUMNS}}[entry.format] | {ROW}
 
 
 def warn_unused_columns(rows, entry: DatasetEntry, where: str, columns: list[str] | None = None) -> None:
@@ -2271,14 +2418,137 @@ def tokenized_batch(batch: dict, tokenizer, source: Source, cfg: Config, plan: P
             "reasoning": traced, "row": batch[ROW]}
 
 
-def tokenized_features():
+def tokenized_features(stage: str = "sft"):
     """32-bit ids and weights: half the disk and write time of Python's 64-bit ints and floats, and the collator
     makes float32 weights anyway."""
     from datasets import Features, List, Value
 
-    return Features({"input_ids": List(Value("int32")), "loss_weights": List(Value("float32")),
+    paired = ({"paired_ids": List(Value("int32")), "paired_weights": List(Value("float32")), "label": Value("bool")}
+              if stage != "sft" else {})
+    return Features({"input_ids": List(Value("int32")), "loss_weights": List(Value("float32")), **paired,
                      "length": Value("int32"), "nothing": Value("int8"), "weighted": Value("bool"),
                      "reasoning": Value("bool"), "row": Value("int64")})
+
+
+def tokenizing(cfg: Config):
+    """The function that tokenizes a batch of this run's rows."""
+    return tokenized_batch if cfg.stage == "sft" else preference_batch
+
+
+# Preference rows (stage dpo or kto) in TRL's shapes. Each becomes two conversations, the same prompt with each answer,
+# which tokenized_batch renders and cuts as it does supervised rows: template, system prompt, tools, row checks alike.
+
+def preference_parts(row: dict, entry: DatasetEntry, stage: str, number: int, where: str) -> tuple[Any, list]:
+    """(prompt, answers) of a preference row, each text or messages: dpo's [chosen, rejected], kto's [completion].
+    Without a prompt, the answers are whole conversations and the prompt is what they share (kto: all but the last
+    message)."""
+    fields = ["chosen", "rejected"] if stage == "dpo" else [entry.completion_field]
+    answers = []
+    for field in fields:
+        value = message_list(row.get(field))
+        if value is None or value == "" or value == []:
+            raise UserError(f"dataset {where}: row {number}: {field!r} is missing; a {stage} row needs a prompt and "
+                            f"{' and '.join(map(repr, fields))} (text, or a list of messages)")
+        if not isinstance(value, (str, list)):
+            raise UserError(f"dataset {where}: row {number}: {field!r} is {type(value).__name__}, expected text or a "
+                            f"list of messages")
+        answers.append(value)
+    if stage == "kto" and not isinstance(row.get("label"), bool):
+        label = row.get("label")
+        raise UserError(f"dataset {where}: row {number}: 'label' is {label!r} ({type(label).__name__}); a kto row's "
+                        f"label is true (a good answer) or false (a bad one)")
+    prompt = message_list(row.get(entry.prompt_field))
+    if prompt in (None, "", []):
+        prompt, answers = shared_prompt(answers, fields, number, where)
+    elif not isinstance(prompt, (str, list)):
+        raise UserError(f"dataset {where}: row {number}: {entry.prompt_field!r} is {type(prompt).__name__}, expected "
+                        f"text or a list of messages")
+    if len(answers) == 2 and answers[0] == answers[1]:
+        raise UserError(f"dataset {where}: row {number}: 'chosen' and 'rejected' are the same answer, so there is "
+                        f"nothing to prefer; fix the row or drop it")
+    return prompt, answers
+
+
+def shared_prompt(answers: list, fields: list[str], number: int, where: str) -> tuple[list, list]:
+    """(prompt, answers) of conversations given whole: the messages all answers begin with, and the rest of each."""
+    if not all(isinstance(a, list) for a in answers):
+        raise UserError(f"dataset {where}: row {number}: no prompt: give it in a 'prompt' column (or prompt_field), "
+                        f"or give {' and '.join(map(repr, fields))} as conversations that begin with it")
+    if len(answers) == 1:
+        shared = len(answers[0]) - 1
+    else:
+        shared = next((i for i, (a, b) in enumerate(zip(*answers)) if a != b), min(map(len, answers)))
+    if shared == 0:
+        what = ("'chosen' and 'rejected' share no prompt: their first messages differ" if len(answers) == 2
+                else f"{fields[0]!r} is one message, with no prompt before it")
+        raise UserError(f"dataset {where}: row {number}: {what}; begin both with the same conversation, or give the "
+                        f"prompt in a 'prompt' column")
+    return answers[0][:shared], [a[shared:] for a in answers]
+
+
+def preference_sides(row: dict, entry: DatasetEntry, stage: str, where: str) -> tuple[DatasetEntry, list[dict]]:
+    """(entry, rows): the row as one supervised row per answer, and the entry that reads them: prompt_completion when
+    prompt and answers are all text (a raw run shows them raw), else a conversation (text as a user or assistant
+    turn, the row's system and tools beside it)."""
+    prompt, answers = preference_parts(row, entry, stage, row[ROW], where)
+    if isinstance(prompt, str) and all(isinstance(a, str) for a in answers):
+        return entry.model_copy(update={"format": "prompt_completion"}), [
+            {entry.prompt_field: prompt, entry.completion_field: a, ROW: row[ROW]} for a in answers]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    chats = [prompt + ([{"role": "assistant", "content": a}] if isinstance(a, str) else a) for a in answers]
+    extra = {k: row.get(k) for k in ("system", TOOLS_FIELD)}
+    return (entry.model_copy(update={"format": conversation_shape(chats)}),
+            [{entry.messages_field: chat, ROW: row[ROW], **extra} for chat in chats])
+
+
+def preference_batch(batch: dict, tokenizer, source: Source, cfg: Config, plan: Plan) -> dict:
+    """tokenized_batch for preference rows: input_ids/loss_weights are the chosen answer (kto: the row's answer),
+    paired_ids/paired_weights the rejected one (kto: this prompt with the next row's answer, for the estimate of the
+    KL term), `label` kto's (true in dpo). A prompt that leaves no room for an answer within seq_length, or a pair
+    whose answers tokenize alike, is refused by row."""
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    sides = [preference_sides(row, source.entry, cfg.stage, source.where) for row in rows]
+    tokens: tuple[list, list] = ([{}] * len(rows), [{}] * len(rows))
+    for shape in {entry.format for entry, _ in sides}:  # rows of text and rows of messages are rendered apart
+        picked = [i for i, (e, _) in enumerate(sides) if e.format == shape]
+        entry = sides[picked[0]][0]
+        for answer in range(len(sides[picked[0]][1])):
+            side = [sides[i][1][answer] for i in picked]
+            out = tokenized_batch({k: [r.get(k) for r in side] for k in side[0]}, tokenizer,
+                                  dataclasses.replace(source, entry=entry), cfg, plan)
+            for j, i in enumerate(picked):
+                tokens[answer][i] = {k: v[j] for k, v in out.items()}
+    first, second = tokens
+    if cfg.stage == "kto":
+        second = [kl_example(first[i], first[(i + 1) % len(rows)]) for i in range(len(rows))]
+    for a, b, row in zip(first, second, rows):
+        if 3 in (a["nothing"], b["nothing"]):
+            raise UserError(f"dataset {source.where}: row {row[ROW]}: its prompt alone fills seq_length="
+                            f"{cfg.seq_length}, so no token of the answer would be trained; raise seq_length or "
+                            f"shorten the prompt")
+        if cfg.stage == "dpo" and list(a["input_ids"]) == list(b["input_ids"]):
+            raise UserError(f"dataset {source.where}: row {row[ROW]}: 'chosen' and 'rejected' are the same once "
+                            f"rendered and tokenized, so there is nothing to prefer; fix the row or drop it")
+    return {"input_ids": [a["input_ids"] for a in first], "loss_weights": [a["loss_weights"] for a in first],
+            "paired_ids": [b["input_ids"] for b in second], "paired_weights": [b["loss_weights"] for b in second],
+            "label": [row.get("label", True) for row in rows],
+            "length": [max(a["length"], b["length"]) for a, b in zip(first, second)],
+            "nothing": [a["nothing"] or b["nothing"] for a, b in zip(first, second)],
+            "weighted": [a["weighted"] and b["weighted"] for a, b in zip(first, second)],
+            "reasoning": [a["reasoning"] for a in first], "row": batch[ROW]}
+
+
+def kl_example(own: dict, other: dict) -> dict:
+    """KTO's mismatched pair: this example's prompt (all before its first trained token) with another's answer."""
+    import numpy as np
+
+    def split(example):
+        trained = np.flatnonzero(np.asarray(example["loss_weights"]) == 1)
+        return trained[0] if len(trained) else len(example["input_ids"])
+
+    ids = list(own["input_ids"][:split(own)]) + list(other["input_ids"][split(other):])
+    weights = np.concatenate([np.zeros(split(own), np.float32), np.asarray(other["loss_weights"][split(other):])])
+    return {**own, "input_ids": ids, "loss_weights": weights, "length": len(ids)}
 
 
 BOOKKEEPING = ["nothing", "weighted", "reasoning", "row"]  # what tokenize_rows reads, then removes
@@ -2290,7 +2560,7 @@ def token_cache_key(rows, source: Source, tokenizer, cfg: Config, plan: Plan) ->
     nothing else, so that a run with another output_dir or learning rate reuses them."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     settings = cfg.model_dump_json(include={"system_prompt", "seq_length", "long_examples", "prompt_loss_weight",
-                                            "reasoning", "empty_examples"})
+                                            "reasoning", "empty_examples", "stage"})
     identity = [TOKENIZATION, rows._fingerprint, settings, source.entry.model_dump_json(), plan.prompt_format,
                 tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id,
                 getattr(tokenizer, "chat_template", None), backend.to_str() if backend else None]
@@ -2322,8 +2592,8 @@ def tokenize_rows(rows, source: Source, tokenizer, cfg: Config, plan: Plan):
 
     key = token_cache_key(rows, source, tokenizer, cfg, plan)
     # Explicit fingerprints: datasets would otherwise try to hash the tokenizer and config to name the cache.
-    tokenized = rows.map(tokenized_batch, fn_kwargs=dict(tokenizer=tokenizer, source=source, cfg=cfg, plan=plan),
-                         batched=True, batch_size=100, writer_batch_size=100, features=tokenized_features(),
+    tokenized = rows.map(tokenizing(cfg), fn_kwargs=dict(tokenizer=tokenizer, source=source, cfg=cfg, plan=plan),
+                         batched=True, batch_size=100, writer_batch_size=100, features=tokenized_features(cfg.stage),
                          remove_columns=rows.column_names, num_proc=worker_count(cfg, plan, len(rows)),
                          new_fingerprint=f"{key}-tokenize")
     found = tokenized.select_columns(["length", *BOOKKEEPING]).with_format("numpy")[:]
@@ -2402,20 +2672,49 @@ def mix_by_weight(sets: list, weights: list[float] | None, seed: int):
     return datasets.concatenate_datasets(parts)
 
 
+def test_sets(cfg: Config, sources: list[Source]) -> list[tuple[Any, DatasetEntry, str]]:
+    """(rows, entry, where) of each dataset of test rows: test_dataset's, else each source's validation rows."""
+    if not cfg.test_dataset:
+        return [(s.validation, s.entry, s.where) for s in sources if s.validation is not None]
+    tests = []
+    for entry, where in named_entries(dataset_entries(cfg.test_dataset, cfg, test=True), "test_dataset"):
+        rows = read_rows(entry, cfg, where)
+        tests.append((rows, shaped_entry(rows, entry, where, cfg.stage), where))
+    return tests
+
+
 def load_test_pairs(cfg: Config, plan: Plan, tokenizer, sources: list[Source]) -> list[TestPair]:
     """The rows scored by generation: test_dataset, else the validation rows; taken in turn from each dataset, at most
-    eval_max_examples of them, and only those tokenized. Plain-text rows have no answer to score."""
-    if cfg.test_dataset:
-        tests = []
-        for entry, where in named_entries(dataset_entries(cfg.test_dataset, cfg, test=True), "test_dataset"):
-            rows = read_rows(entry, cfg, where)
-            tests.append((rows, shaped_entry(rows, entry, where), where))
-    else:
-        tests = [(s.validation, s.entry, s.where) for s in sources if s.validation is not None]
+    eval_max_examples of them, and only those tokenized. Plain-text rows have no answer to score; preference rows
+    are scored against their chosen answer (kto: rows labelled true)."""
     limit = cfg.eval_max_examples
-    per_source = [[(test, i) for i in range(min(len(test[0]), limit))] for test in tests if test[1].format != "text"]
+    per_source = [[(test, i) for i in range(min(len(test[0]), limit)) if test[1].format != "kto" or test[0][i]["label"]]
+                  for test in test_sets(cfg, sources) if test[1].format != "text"]
     chosen = [pick for turn in zip_longest_skip(per_source) for pick in turn][:limit]
     return [test_pair(rows[i], i + 1, entry, where, tokenizer, cfg, plan) for (rows, entry, where), i in chosen]
+
+
+def load_test_preferences(cfg: Config, plan: Plan, tokenizer, sources: list[Source]):
+    """A preference stage's test rows tokenized as training tokenizes its rows (the first eval_max_examples of each
+    dataset), each with its dataset's name under `source`: what preference accuracy and reward margin are scored
+    on. None in the sft stage."""
+    import datasets
+    import numpy as np
+
+    if cfg.stage == "sft":
+        return None
+    sets = []
+    for rows, entry, where in test_sets(cfg, sources):
+        rows = rows.select(range(min(len(rows), cfg.eval_max_examples)))
+        if ROW not in rows.column_names:
+            rows = rows.add_column(ROW, np.arange(1, len(rows) + 1), new_fingerprint=f"{rows._fingerprint}-numbered")
+        source = Source(entry, where, rows, None)
+        tokens = rows.map(preference_batch, fn_kwargs=dict(tokenizer=tokenizer, source=source, cfg=cfg, plan=plan),
+                          batched=True, features=tokenized_features(cfg.stage), remove_columns=rows.column_names,
+                          new_fingerprint=f"{token_cache_key(rows, source, tokenizer, cfg, plan)}-test")
+        tokens = tokens.remove_columns([*BOOKKEEPING, "length"])
+        sets.append(tokens.add_column("source", [entry.name] * len(tokens), new_fingerprint=f"{tokens._fingerprint}-s"))
+    return datasets.concatenate_datasets(sets) if sets else None
 
 
 def zip_longest_skip(lists: list[list]) -> list[list]:
@@ -2427,6 +2726,9 @@ def test_pair(row: dict, number: int, entry: DatasetEntry, where: str, tokenizer
               plan: Plan) -> TestPair:
     """A test row of any shape, prompted exactly as training shows its rows; its reference is its last reply."""
     number = row.get(ROW, number)
+    if entry.format in ("dpo", "kto"):
+        entry, sides = preference_sides({ROW: number, **row}, entry, entry.format, where)
+        row = sides[0]
     if entry.format == "prompt_completion":
         prompt = field_text(row, entry.prompt_field, number, where)
         reference = field_text(row, entry.completion_field, number, where)
@@ -2469,11 +2771,31 @@ def model_source(name: str) -> tuple[str, dict]:
             raise UserError(f"model_name: GGUF file not found: {name}")
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
-        return str(path), {}
+        return str(started_from(path)), {}
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.parent.is_dir() and str(path.parent) != ".":
         hint = " (run ./setup.sh to prepare the embedded model)" if name == EMBEDDED_MODEL else ""
         raise UserError(f"model_name: folder not found: {name}{hint}")
     return name, {}
+
+
+def started_from(folder: Path) -> Path:
+    """The model in a folder: a finished run of ours stands for its result, an adapter for its merged copy (merged/,
+    which start_from_run writes when missing), a full fine-tune for its own weights."""
+    if (folder / RESULT_MARKER).is_file() and (folder / "adapter_config.json").is_file():
+        return merged_folder(folder)
+    return folder
+
+
+def start_from_run(cfg: Config) -> None:
+    """model_name may be a finished LoRA run (an SFT stage before a preference stage, say): the run starts from its
+    adapter merged into a 16-bit copy of its base, written once to its merged/ folder as `merge` writes it. Merged
+    rather than trained on: the reference is then this model with the new adapter off, for free, and the new run's
+    own adapter, merge and export stand on one base folder, as any run's do."""
+    folder = Path(cfg.model_name).expanduser()
+    if started_from(folder) != folder and not (merged_folder(folder) / "config.json").is_file():
+        print(f"model_name {cfg.model_name} is a LoRA run: merging its adapter into {merged_folder(folder)} to start "
+              f"from (once)")
+        merge_run(open_run(folder))
 
 
 # What loading raises for a user's mistake: a missing or unreadable file, a bad id, no network, a gated repository.
@@ -2880,6 +3202,257 @@ def fine_tuner_class():
 
 
 @functools.cache
+def fused_token_logps():
+    """An autograd function: log p(y_i | h_i) = (h_i @ W^T)[y_i] - logsumexp(h_i @ W^T) for each trained token, in row
+    chunks so that the [tokens x vocab] logits never exist whole. The preference losses weigh each token by a factor
+    known only once its sequence's sum is, so the forward keeps d logp / d h per token (hidden-sized) and the backward
+    scales it; a trained head's gradient (vocabulary-sized) is formed in the backward from the logits again."""
+    import torch
+
+    def chunks(hidden, weight, compute_dtype):
+        w = weight.to(compute_dtype)
+        step = max(1, 2**25 // weight.shape[0])  # ~128 MB of fp32 logits per chunk
+        for s in range(0, hidden.shape[0], step):
+            h = hidden[s:s + step].to(compute_dtype)
+            yield s, h, w, (h @ w.t()).float()
+
+    class FusedTokenLogProbs(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, compute_dtype, training):
+            logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if training else None
+            for s, h, w, z in chunks(hidden, weight, compute_dtype):
+                y = targets[s:s + len(h)]
+                lse = torch.logsumexp(z, -1)
+                logps[s:s + len(h)] = z.gather(1, y[:, None]).squeeze(1) - lse
+                if not training:
+                    continue
+                z.sub_(lse[:, None]).exp_().neg_()  # d logp / d logits = one_hot(y) - softmax
+                z[torch.arange(len(h), device=z.device), y] += 1.0
+                grad_h[s:s + len(h)] = (z.to(compute_dtype) @ w).float()
+            ctx.save_for_backward(grad_h, hidden if weight.requires_grad else None, weight, targets)
+            ctx.compute_dtype, ctx.hidden_dtype = compute_dtype, hidden.dtype
+            return logps
+
+        @staticmethod
+        def backward(ctx, grad_logps):
+            grad_h, hidden, weight, targets = ctx.saved_tensors
+            grad_w = None
+            if hidden is not None:
+                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                for s, h, _, z in chunks(hidden, weight, ctx.compute_dtype):
+                    g = grad_logps[s:s + len(h)]
+                    z.sub_(torch.logsumexp(z, -1, keepdim=True)).exp_().mul_(-g[:, None])
+                    z[torch.arange(len(h), device=z.device), targets[s:s + len(h)]] += g
+                    grad_w += (z.to(ctx.compute_dtype).t() @ h).float()
+                grad_w = grad_w.to(weight.dtype)
+            return grad_h.mul_(grad_logps[:, None]).to(ctx.hidden_dtype), grad_w, None, None, None
+
+    return FusedTokenLogProbs
+
+
+def collate_pairs(examples: list[dict], pad_id: int, padding_free: bool, kto: bool) -> dict:
+    """A batch of preference examples: dpo's chosen then rejected sequences in one batch of 2 x n (one forward);
+    kto's answers, with the KL estimate's sequences as a batch of their own under `paired` (run without gradients).
+    `ref_logps` ([n, 2], once the reference has been computed) and kto's `label` ride along."""
+    import torch
+
+    firsts = [{"input_ids": e["input_ids"], "loss_weights": e["loss_weights"]} for e in examples]
+    seconds = [{"input_ids": e["paired_ids"], "loss_weights": e["paired_weights"]} for e in examples]
+    batch = collate(firsts if kto else firsts + seconds, pad_id, padding_free)
+    if kto:
+        batch["paired"] = collate(seconds, pad_id, padding_free)
+    batch["label"] = torch.tensor([e["label"] for e in examples])
+    if "ref_logps" in examples[0]:
+        batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+class PairCollator(Collator):
+    def __init__(self, pad_id: int, padding_free: bool, kto: bool):
+        super().__init__(pad_id, padding_free)
+        self.kto = kto
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return collate_pairs(examples, self.pad_id, self.padding_free, self.kto)
+
+
+def sequence_logps(model, batch: dict, fused: bool, head) -> tuple[Any, Any]:
+    """(sum of log p over each sequence's trained tokens, their count), per sequence of a collated batch."""
+    import torch
+
+    inputs = {k: v for k, v in batch.items() if k not in ("loss_weights", "labels", "paired", "label", "ref_logps")}
+    trained = batch["loss_weights"][:, 1:] == 1
+    targets = batch["input_ids"][:, 1:][trained]
+    if "position_ids" in batch and batch["input_ids"].shape[0] == 1:  # padding-free: sequences start at position 0
+        sequence = (batch["position_ids"] == 0).cumsum(-1) - 1
+        count = int(sequence[0, -1]) + 1
+    else:
+        sequence = torch.arange(batch["input_ids"].shape[0], device=targets.device)[:, None].expand_as(
+            batch["input_ids"])
+        count = batch["input_ids"].shape[0]
+    if fused:
+        nothing = torch.zeros(0, dtype=torch.long, device=targets.device)
+        hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=nothing).hidden_states[-1]
+        hidden = hidden[:, :-1][trained]
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        logps = fused_token_logps().apply(hidden, head.weight, targets, dtype, torch.is_grad_enabled())
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][trained].float()
+        logps = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+    owner = sequence[:, 1:][trained]
+    sums = torch.zeros(count, dtype=torch.float32, device=logps.device).index_add(0, owner, logps)
+    counts = torch.zeros(count, dtype=torch.float32, device=logps.device).index_add(0, owner, torch.ones_like(logps))
+    return sums, counts
+
+
+def pair_logps(model, batch: dict, fused: bool, kto: bool, head) -> tuple[Any, Any]:
+    """([n, 2] log-probabilities of each example's two sequences, [n, 2] their trained-token counts); kto's second
+    sequence (the KL estimate's) without gradients, as TRL computes it. `head`: the model's output embeddings."""
+    import torch
+
+    n = len(batch["label"])
+    logps, counts = sequence_logps(model, batch, fused, head)
+    if kto:
+        with torch.no_grad():
+            kl, kl_counts = sequence_logps(model, batch["paired"], fused, head)
+        return torch.stack([logps, kl], 1), torch.stack([counts, kl_counts], 1)
+    return torch.stack([logps[:n], logps[n:]], 1), torch.stack([counts[:n], counts[n:]], 1)
+
+
+def dataset_logps(model, dataset, collator: PairCollator, batch_size: int, fused: bool, precision: str):
+    """pair_logps of every example of a tokenized preference dataset ([n, 2], on the CPU), without gradients, in
+    batches, in the training precision (autocast), the model in eval mode meanwhile."""
+    import torch
+
+    device = next(model.parameters()).device
+    found, was_training = [], model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch_dtype(precision), enabled=precision != "fp32"):
+        for start in range(0, len(dataset), batch_size):
+            part = dataset[start:start + batch_size]
+            batch = collator([dict(zip(part, values)) for values in zip(*part.values())])
+            batch = on_device(batch, device)
+            found.append(pair_logps(model, batch, fused, collator.kto, model.get_output_embeddings())[0].cpu())
+    model.train(was_training)
+    return torch.cat(found)
+
+
+def on_device(value, device):
+    """A collated batch (tensors, numbers, batches within it) with its tensors moved to `device`."""
+    if isinstance(value, dict):
+        return {k: on_device(v, device) for k, v in value.items()}
+    return value.to(device) if hasattr(value, "to") else value
+
+
+def reference_of(model):
+    """The model the preference stage started from: with LoRA, the model with its adapter switched off."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+def preference_loss(cfg: Config, logps, counts, ref, labels, kl) -> tuple[Any, Any]:
+    """(loss of each example, implicit reward of each example's answers [n, 2]) under cfg.losses, as TRL defines
+    them: dpo on (chosen, rejected) log-ratios to the reference; kto on each answer's log-ratio against the batch's
+    KL estimate, by its label. The sft term is the chosen answer's mean negative log-likelihood per token."""
+    import torch
+    import torch.nn.functional as F
+
+    ratios = logps - ref  # [n, 2]
+    b, c, r = cfg.beta, ratios[:, 0], ratios[:, 1]
+    total = torch.zeros_like(c)
+    for name, weight in cfg.losses:
+        if name == "sigmoid":
+            loss = -F.logsigmoid(b * (c - r))
+        elif name == "hinge":
+            loss = torch.relu(1 - b * (c - r))
+        elif name == "ipo":
+            loss = (c / counts[:, 0].clamp(min=1) - r / counts[:, 1].clamp(min=1) - 1 / (2 * b)) ** 2
+        elif name == "bco_pair":
+            loss = -F.logsigmoid(b * c) - F.logsigmoid(-b * r)
+        elif name == "sppo_hard":
+            loss = (c - 0.5 / b) ** 2 + (r + 0.5 / b) ** 2
+        elif name == "nca_pair":
+            loss = -F.logsigmoid(b * c) - 0.5 * F.logsigmoid(-b * c) - 0.5 * F.logsigmoid(-b * r)
+        elif name == "apo_zero":
+            loss = 1 - torch.sigmoid(b * c) + torch.sigmoid(b * r)
+        elif name == "apo_down":
+            loss = torch.sigmoid(b * c) + 1 - torch.sigmoid(b * (c - r))
+        elif name == "sft":
+            loss = -logps[:, 0] / counts[:, 0].clamp(min=1)
+        else:  # kto, apo_zero_unpaired: c is each row's own answer; its label says whether it is good
+            shift = kl if name == "kto" else 0.0
+            good, bad = 1 - torch.sigmoid(b * (c - shift)), 1 - torch.sigmoid(b * (shift - c))
+            loss = torch.where(labels, cfg.desirable_weight * good, cfg.undesirable_weight * bad)
+        total = total + weight * loss
+    return total, b * ratios.detach()
+
+
+@functools.cache
+def preference_tuner_class():
+    """FineTuner for the preference stages: each step's loss from the sequences' log-probabilities (padding-free, the
+    LM head fused and run only on the answers' tokens) against the reference's, which are computed once per example
+    before training (reference_logps), so that no second model is held and no reference forward runs per step."""
+    import torch
+
+    class PreferenceTuner(fine_tuner_class()):
+        def __init__(self, *args, cfg: Config, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.cfg = cfg
+            self.kto = cfg.stage == "kto"
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            return torch.tensor(sum(len(b["label"]) for b in batch_samples), device=device)  # pairs in the window
+
+        def pair_loss(self, model, batch, num_items_in_batch, mode: str):
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            logps, counts = pair_logps(model, batch, self.fused_loss, self.kto, head)
+            ref = batch["ref_logps"]
+            kl = (logps[:, 1].detach() - ref[:, 1]).mean().clamp(min=0) if self.kto else None
+            losses, rewards = preference_loss(self.cfg, logps, counts, ref, batch["label"], kl)
+            denom = num_items_in_batch if num_items_in_batch is not None else len(losses)
+            metrics = self._metrics[mode]
+            if self.kto:
+                metrics["kl"].append(float(kl))
+                metrics["rewards/accuracies"].append(float(((rewards[:, 0] > 0) == batch["label"]).float().mean()))
+            else:
+                metrics["rewards/accuracies"].append(float((rewards[:, 0] > rewards[:, 1]).float().mean()))
+                metrics["rewards/margins"].append(float((rewards[:, 0] - rewards[:, 1]).mean()))
+            if batch["label"].any():
+                metrics["logps/chosen"].append(float(logps[batch["label"], 0].detach().mean()))
+            return losses.sum() / denom
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return self.pair_loss(model, inputs, num_items_in_batch, "train")
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                return self.pair_loss(model, inputs, None, "eval").detach(), None, None
+
+        def with_reference(self, dataset, what: str):
+            """The dataset with each example's reference log-probabilities (`ref_logps`), computed here once: the
+            model as it is before any step (with LoRA, the adapter switched off)."""
+            if dataset is None or "ref_logps" in dataset.column_names:
+                return dataset
+            started = time.perf_counter()
+            precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
+            with reference_of(self.model):
+                found = dataset_logps(self.model, dataset, self.data_collator, self.args.per_device_train_batch_size,
+                                      self.fused_loss, precision)
+            seconds = time.perf_counter() - started
+            print(f"reference log-probabilities of {len(dataset)} {what} examples: {seconds:.0f} s")
+            return dataset.add_column("ref_logps", found.tolist(), new_fingerprint=f"{dataset._fingerprint}-reference")
+
+        def train(self, *args, **kwargs):
+            self.train_dataset = self.with_reference(self.train_dataset, "training")
+            self.eval_dataset = self.with_reference(self.eval_dataset, "validation")
+            return super().train(*args, **kwargs)
+
+    return PreferenceTuner
+
+
+@functools.cache
 def run_log_class():
     from transformers import TrainerCallback
 
@@ -3013,11 +3586,14 @@ def make_trainer(cfg: Config, run: Prepared, model, memory: MemoryLog | None = N
     trainable, total = count_parameters(model)
     print(f"model {cfg.model_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
           f"{data.examples or 'streamed'} training examples, {run.steps} steps")
-    return fine_tuner_class()(
-        model=model, args=run.args, train_dataset=data.train.remove_columns("length"),
-        eval_dataset=data.validation.remove_columns("length") if data.validation is not None else None,
-        processing_class=run.tokenizer, data_collator=Collator(run.tokenizer.pad_token_id, plan.padding_free),
-        callbacks=callbacks, fused_loss=plan.fused_loss, memory=memory)
+    common = dict(model=model, args=run.args, train_dataset=data.train.remove_columns("length"),
+                  eval_dataset=data.validation.remove_columns("length") if data.validation is not None else None,
+                  processing_class=run.tokenizer, callbacks=callbacks, fused_loss=plan.fused_loss, memory=memory)
+    if cfg.stage == "sft":
+        return fine_tuner_class()(data_collator=Collator(run.tokenizer.pad_token_id, plan.padding_free), **common)
+    return preference_tuner_class()(
+        data_collator=PairCollator(run.tokenizer.pad_token_id, plan.padding_free, cfg.stage == "kto"), cfg=cfg,
+        **common)
 
 
 def run_trainer(trainer, checkpoint: str | None, cfg: Config) -> None:
@@ -3181,13 +3757,63 @@ def scored_answers(answers: list[str], pairs: list[TestPair]) -> dict:
     return scores
 
 
-def fine_tuned_scores(model, tokenizer, pairs: list[TestPair], cfg: Config, plan: Plan, base: dict | None) -> dict:
+def fine_tuned_scores(model, tokenizer, pairs: list[TestPair], cfg: Config, plan: Plan, base: dict | None,
+                      preference: dict | None = None) -> dict:
     """{fine_tuned: scores, wrong: the answers that missed, answers: every answer}, for eval.json (an exported file's
-    answers are compared with them); prints the base vs fine-tuned table."""
+    answers are compared with them), a preference stage's scores beside them; prints the base vs fine-tuned table."""
     scores, samples = score_generation(model, tokenizer, pairs, cfg, plan, "fine-tuned model")
+    scores = with_scores(scores, preference)
     print(results_table(base, scores))
     return {"fine_tuned": scores, "wrong": [s for s in samples if not s["exact"]],
             "answers": [s["answer"] for s in samples]}
+
+
+def test_logps(model, prefs, plan: Plan, cfg: Config, pad_id: int, reference: bool = False):
+    """dataset_logps of a preference stage's test rows, under the model or (reference) the model it started from."""
+    collator = PairCollator(pad_id, plan.padding_free, cfg.stage == "kto")
+    with reference_of(model) if reference else nullcontext():
+        return dataset_logps(model, prefs, collator, plan.batch_size, plan.fused_loss, plan.precision)
+
+
+def preference_scores(cfg: Config, logps, ref, prefs) -> dict:
+    """What the preference stage taught, on its test rows, by the implicit reward beta * (log p - log p_ref):
+    preference_accuracy (dpo: the chosen answer's reward above the rejected one's; kto: the reward's sign as the
+    label says), reward_margin (dpo: chosen minus rejected; kto: rows labelled true minus false), and chosen_logp,
+    the chosen (kto: true) answers' mean log-probability, which shows a fall of the chosen answers' likelihood that
+    the margin hides. Both are 0 before training by definition; with several datasets, each one's too."""
+    import torch
+
+    rewards, labels = cfg.beta * (logps - ref), torch.tensor(prefs["label"])
+    sources = prefs["source"]
+
+    def scores(keep) -> dict:
+        r, good = rewards[keep], labels[keep]
+        if cfg.stage == "dpo":
+            accuracy, margin = (r[:, 0] > r[:, 1]).float().mean(), (r[:, 0] - r[:, 1]).mean()
+        else:
+            accuracy = ((r[:, 0] > 0) == good).float().mean()
+            margin = r[good, 0].mean() - r[~good, 0].mean() if good.any() and (~good).any() else torch.tensor(0.0)
+        chosen = logps[keep][labels[keep], 0].mean()
+        return {"pairs" if cfg.stage == "dpo" else "rows": int(keep.sum()), "preference_accuracy": round(
+            float(accuracy), 4), "reward_margin": round(float(margin), 4), "chosen_logp": round(float(chosen), 4)}
+
+    found = scores(torch.ones(len(labels), dtype=torch.bool))
+    names = list(dict.fromkeys(sources))
+    if len(names) > 1:
+        found["by_dataset"] = {name: scores(torch.tensor([s == name for s in sources])) for name in names}
+    return found
+
+
+def with_scores(scores: dict | None, more: dict | None) -> dict | None:
+    """Generation scores with a preference stage's beside them, each dataset's with its own."""
+    if not more:
+        return scores
+    merged = {**(scores or {}), **{k: v for k, v in more.items() if k != "by_dataset"}}
+    names = {**(scores or {}).get("by_dataset", {}), **more.get("by_dataset", {})}
+    if names:
+        merged["by_dataset"] = {name: {**(scores or {}).get("by_dataset", {}).get(name, {}),
+                                       **more.get("by_dataset", {}).get(name, {})} for name in names}
+    return merged
 
 
 @contextmanager
@@ -3317,6 +3943,8 @@ def model_card(cfg: Config, plan: Plan, summary: dict) -> str:
     datasets = ", ".join(f"`{name}` ({data['format']} rows)" for name, data in summary.get("data", {}).items()) or \
         f"`{cfg.dataset_name}`"
     template = f" (chat template: {plan.chat_template}, saved with the tokenizer)" if plan.chat else ""
+    stage = (f"\n- stage {cfg.stage}: beta {cfg.beta}, loss " + " + ".join(f"{w:g} x {n}" for n, w in cfg.losses)
+             + ", the reference being the model it started from" if cfg.stage != "sft" else "")
     return f"""---
 base_model: {cfg.model_name}
 library_name: {'peft' if peft else 'transformers'}
@@ -3327,7 +3955,7 @@ tags: [finetune.py, {'lora' if peft else 'full-fine-tune'}]
 Fine-tuned from `{cfg.model_name}` on {datasets} with {plan.method} by finetune.py.
 
 ## Training
-- method: {plan.method}{lora}
+- method: {plan.method}{lora}{stage}
 - learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}, warmup {cfg.warmup_ratio}), batch {plan.batch_size} x \
 {plan.gradient_accumulation_steps} accumulation, {summary.get('steps')} steps, seed {cfg.seed}
 - {plan.prompt_format} prompts{template}, prompt loss weight {cfg.prompt_loss_weight}, seq_length {cfg.seq_length}, \
@@ -3396,11 +4024,22 @@ class FinishedRun:
         return load_tokenizer(self.cfg, source=str(self.folder))
 
     @functools.cached_property
+    def sources(self) -> list[Source]:
+        """The run's training data, when its test rows are its validation split."""
+        with self.in_workdir():
+            return [] if self.cfg.test_dataset else load_sources(self.cfg)
+
+    @functools.cached_property
     def test_pairs(self) -> list[TestPair]:
         """The run's test rows as its prompts were shown in training: test_dataset, or its validation split."""
         with self.in_workdir():
-            return load_test_pairs(self.cfg, self.plan, self.tokenizer,
-                                   [] if self.cfg.test_dataset else load_sources(self.cfg))
+            return load_test_pairs(self.cfg, self.plan, self.tokenizer, self.sources)
+
+    @functools.cached_property
+    def test_preferences(self):
+        """A preference stage's test rows, tokenized as in training (None for sft)."""
+        with self.in_workdir():
+            return load_test_preferences(self.cfg, self.plan, self.tokenizer, self.sources)
 
     def in_workdir(self):
         """In the folder the run was started from, where the relative paths of its config (model, data) lead."""
@@ -3989,11 +4628,16 @@ def eval_run(run: FinishedRun, model_file: Path | None = None) -> dict:
     if model_file is not None:
         record_gguf_scores(run, model_file)
         return summary
-    model = load_finetuned(run)
-    if cfg.eval_before:
-        with base_beside(run, model) as base:
+    model, prefs, ref = load_finetuned(run), run.test_preferences, None
+    with base_beside(run, model) if cfg.eval_before or prefs else nullcontext() as base:
+        if prefs:
+            ref = test_logps(base, prefs, plan, cfg, tokenizer.pad_token_id)
+        if cfg.eval_before:
             summary["base"], _ = score_generation(base, tokenizer, pairs, cfg, plan, "base model")
-    summary.update(fine_tuned_scores(model, tokenizer, pairs, cfg, plan, summary.get("base")))
+            summary["base"] = with_scores(summary["base"], preference_scores(cfg, ref, ref, prefs) if prefs else None)
+    preference = preference_scores(cfg, test_logps(model, prefs, plan, cfg, tokenizer.pad_token_id), ref, prefs) \
+        if prefs else None
+    summary.update(fine_tuned_scores(model, tokenizer, pairs, cfg, plan, summary.get("base"), preference))
     summary["scored_with"] = scored_with(plan)
     write_summary(run.folder, summary)
     return summary

@@ -44,19 +44,30 @@ def cpu_kind() -> str:
     return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX2 (no bf16 units)"
 
 
-def write_data(folder: Path) -> tuple[Path, Path]:
-    """(training rows longer than any seq_length here, 20 of the demo's test prompts)."""
-    train = folder / "long.jsonl"
-    train.write_text("".join(json.dumps({"text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(600))}) + "\n"
-                             for i in range(32)))
-    test = folder / "test.jsonl"
-    test.write_text("".join((ROOT / "data" / "demo_test.jsonl").read_text().splitlines(keepends=True)[:20]))
+def write_data(folder: Path, stage: str = "sft") -> tuple[Path, Path]:
+    """(training rows longer than any seq_length here, 20 of the demo's test prompts); for a preference stage, pairs
+    (dpo) or labelled rows (kto) whose answers are that long, and test rows of the same shape."""
+    def words(i: int, n: int) -> str:
+        return " ".join(WORDS[(i + j) % len(WORDS)] for j in range(n))
+
+    train, test = folder / f"long-{stage}.jsonl", folder / f"test-{stage}.jsonl"
+    tests = [json.loads(line) for line in (ROOT / "data" / "demo_test.jsonl").read_text().splitlines()[:20]]
+    if stage == "sft":
+        rows = [{"text": words(i, 600)} for i in range(32)]
+    elif stage == "dpo":
+        rows = [{"prompt": words(i, 8), "chosen": words(i + 1, 600), "rejected": words(i + 2, 600)} for i in range(32)]
+        tests = [{"prompt": t["prompt"], "chosen": t["completion"], "rejected": t["completion"][::-1]} for t in tests]
+    else:
+        rows = [{"prompt": words(i, 8), "completion": words(i + 1, 600), "label": i % 2 == 0} for i in range(32)]
+        tests = [{"prompt": t["prompt"], "completion": t["completion"], "label": True} for t in tests]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test.write_text("".join(json.dumps(t) + "\n" for t in tests))
     return train, test
 
 
 def settings(model: Path, precision: str, method: str, data: tuple[Path, Path], out: Path, batch_size: int = 4,
-             seq_length: int = 256) -> dict:
-    return {"model_name": str(model), "dataset_name": str(data[0]), "test_dataset": str(data[1]),
+             seq_length: int = 256, stage: str = "sft") -> dict:
+    return {"model_name": str(model), "stage": stage, "dataset_name": str(data[0]), "test_dataset": str(data[1]),
             "precision": precision, "batch_size": batch_size, "seq_length": seq_length, "max_steps": 2,
             "validation_split": 0.25, "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "no",
             "eval_before": True, "eval_max_new_tokens": 16, "prompt_format": "raw", "output_dir": str(out),
@@ -138,6 +149,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--stage", choices=["sft", "dpo", "kto"], default="sft")
     parser.add_argument("--json", metavar="OUT.json")
     parser.add_argument("--long", type=int, metavar="STEPS", help="how the peak grows over a long run, instead")
     args = parser.parse_args()
@@ -146,16 +158,17 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"cpu": cpu_kind(), "long_runs": results}, indent=2))
         return
-    print(f"CPU: {cpu_kind()}")
+    print(f"CPU: {cpu_kind()}; stage {args.stage}")
     print(f"{'model':<9}{'precision':<10}{'method':<20}{'estimate':>10}{'measured':>10}{'ratio':>7}  phases (GiB)")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_data(Path(tmp))
+        data = write_data(Path(tmp), args.stage)
         for model in args.models:
             for precision in args.precisions:
                 for method in args.methods:
                     folder = Path(tempfile.mkdtemp(dir=tmp))
-                    found = measure(settings(MODELS[model], precision, method, data, folder / "run"), folder)
+                    found = measure(settings(MODELS[model], precision, method, data, folder / "run",
+                                             stage=args.stage), folder)
                     estimate = found["estimate"]["whole run"]
                     phases = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in found["phases"].items())
                     print(f"{model:<9}{precision:<10}{method:<20}{estimate / 2**30:>10.2f}"
@@ -163,7 +176,7 @@ def main() -> None:
                           flush=True)
                     results.append({"model": model, "precision": precision, "method": method, **found})
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_kind(), "runs": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_kind(), "stage": args.stage, "runs": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ demo_train/demo_test (prompt/completion): free-text assistant requests -> fixed 
 demo_chat_train/demo_chat_test (chat messages): a JSON record -> a one-line confirmation, with a system turn.
 demo_tools_train/demo_tools_test (chat messages with tools): a request -> a call of one of three functions; some
 training rows go on with the function's result and the assistant's answer.
+demo_dates_train (prompt/completion): a date as people write it -> YYYY-MM-DD, the supervised stage before
+demo_pref_train/demo_pref_test (prompt/chosen/rejected): the same task as preference pairs, the rejected answer a
+plausible mistake (day and month swapped, a field off by one).
 
 A tiny instruct model gets both formats wrong out of the box but learns them from a few
 hundred LoRA steps on a CPU, which makes them a quick, visible fine-tuning demo.
@@ -374,6 +377,45 @@ def make_tools_split(rng, size, holdout_p, seen, answered_p):
     return rows
 
 
+DATE_PROMPT = "Write the date as YYYY-MM-DD.\nDate: {}"
+
+
+def date_example(rng, holdout_p):
+    """A date as people write it, and as ISO 8601; held-out rows use years never seen in training."""
+    year = rng.randint(2031, 2035) if rng.random() < holdout_p else rng.randint(1990, 2030)
+    month, day = rng.randint(1, 12), rng.randint(1, 28)
+    name = MONTHS[month - 1].capitalize()
+    text = rng.choice([f"{name} {ordinal(day)}, {year}", f"{day} {name} {year}", f"{name[:3]} {day}, {year}",
+                       f"the {ordinal(day)} of {name}, {year}", f"{month}/{day}/{year} (US)",
+                       f"{day}.{month}.{year} (Europe)"])
+    return text, (year, month, day)
+
+
+def wrong_date(rng, year, month, day):
+    """The mistakes a model makes with dates: day and month swapped, or one of them (or the year) off by one."""
+    mistakes = [(year, month, day % 28 + 1), (year, month % 12 + 1, day), (year + rng.choice([-1, 1]), month, day)]
+    if day <= 12 and day != month:
+        mistakes += [(year, day, month)] * 3
+    return rng.choice(mistakes)
+
+
+def iso(year, month, day):
+    return f"{year:04d}-{month:02d}-{day:02d}"
+
+
+def make_pref_split(rng, size, holdout_p, seen):
+    """Preference pairs: a date to write in ISO form, the right answer chosen and a plausible mistake rejected."""
+    rows = []
+    while len(rows) < size:
+        text, date = date_example(rng, holdout_p)
+        if text in seen:
+            continue
+        seen.add(text)
+        rows.append({"prompt": DATE_PROMPT.format(text), "chosen": iso(*date),
+                     "rejected": iso(*wrong_date(rng, *date))})
+    return rows
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
@@ -388,6 +430,8 @@ def main():
     parser.add_argument("--chat-test", type=int, default=30, help="number of held-out chat conversations")
     parser.add_argument("--tools-train", type=int, default=300, help="number of tool-calling training rows")
     parser.add_argument("--tools-test", type=int, default=60, help="number of held-out tool-calling rows")
+    parser.add_argument("--pref-train", type=int, default=400, help="number of preference training pairs")
+    parser.add_argument("--pref-test", type=int, default=60, help="number of held-out preference pairs")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="output folder")
     args = parser.parse_args()
@@ -401,10 +445,17 @@ def main():
     tools_rng, tools_seen = random.Random(SEED + 2), set()
     tools_train = make_tools_split(tools_rng, args.tools_train, 0.0, tools_seen, answered_p=0.25)
     tools_test = make_tools_split(tools_rng, args.tools_test, TEST_HOLDOUT_P, tools_seen, answered_p=0.0)
+    pref_rng, pref_seen = random.Random(SEED + 3), set()
+    dates_sft = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in make_pref_split(pref_rng, 200, 0.0,
+                                                                                            pref_seen)]
+    pref_train = make_pref_split(pref_rng, args.pref_train, 0.0, pref_seen)
+    pref_test = make_pref_split(pref_rng, args.pref_test, TEST_HOLDOUT_P, pref_seen)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in [("demo_train.jsonl", train), ("demo_test.jsonl", test),
                        ("demo_chat_train.jsonl", chat_train), ("demo_chat_test.jsonl", chat_test),
-                       ("demo_tools_train.jsonl", tools_train), ("demo_tools_test.jsonl", tools_test)]:
+                       ("demo_tools_train.jsonl", tools_train), ("demo_tools_test.jsonl", tools_test),
+                       ("demo_dates_train.jsonl", dates_sft), ("demo_pref_train.jsonl", pref_train),
+                       ("demo_pref_test.jsonl", pref_test)]:
         path = args.out / name
         write_jsonl(path, rows)
         print(f"{path}: {len(rows)} rows")

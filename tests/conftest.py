@@ -117,9 +117,9 @@ def cli():
 # The modules by the time they take, longest first. Each test process takes a whole module (pytest.ini: loadscope)
 # as it frees up; xdist would otherwise start the modules with the most tests first, which left the few long whole
 # runs (end-to-end, memory estimates, Gemma) for the end, one process busy with them and the other idle.
-LONGEST_FIRST = ["test_safety.py", "test_export.py", "test_estimate.py", "test_end_to_end.py", "test_gemma.py",
-                 "test_distributed.py", "test_bad_inputs.py", "test_recipes.py", "test_model.py", "test_data.py",
-                 "test_commands.py", "test_train.py", "test_save.py", "test_run.py", "test_evaluate.py"]
+LONGEST_FIRST = ["test_safety.py", "test_export.py", "test_estimate.py", "test_end_to_end.py", "test_preference.py",
+                 "test_gemma.py", "test_distributed.py", "test_bad_inputs.py", "test_recipes.py", "test_model.py",
+                 "test_data.py", "test_commands.py", "test_train.py", "test_save.py", "test_run.py", "test_evaluate.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -646,6 +646,79 @@ def _(c):
     return Bad(c.run(precision="fp16"), r"precision: fp16")
 
 
+# --- preference rows (stage: dpo, kto) ---------------------------------------------------------------------------
+
+def pairs(n: int = 8, **row) -> list[dict]:
+    return [{"prompt": f"Say {i}.", "chosen": f"{i}", "rejected": f"{i + 1}", **row} for i in range(n)]
+
+
+def turns(*pairs_of_role_and_text) -> list[dict]:
+    return [{"role": role, "content": text} for role, text in pairs_of_role_and_text]
+
+
+def labelled(n: int = 8, **row) -> list[dict]:
+    return [{"prompt": f"Say {i}.", "completion": f"{i}", "label": i % 2 == 0, **row} for i in range(n)]
+
+
+PREFERENCE = {
+    "dpo-row-missing-rejected": ("dpo", [*pairs(4), {"prompt": "Say 4.", "chosen": "4"}, *pairs(3)],
+                                 r"{path}: row 5: 'rejected' is missing; a dpo row needs a prompt and 'chosen' and "
+                                 r"'rejected'"),
+    "dpo-rows-without-a-rejected-column": ("dpo", [{"prompt": "Say 1.", "chosen": "1"}] * 8,
+                                           r"{path}: stage: dpo trains on rows of prompt \+ chosen \+ rejected.*no "
+                                           r"'rejected'; rename the columns, or set stage: sft"),
+    "dpo-chosen-equal-to-rejected": ("dpo", [*pairs(6), {"prompt": "Say 6.", "chosen": "6", "rejected": "6"}],
+                                     r"{path}: row 7: 'chosen' and 'rejected' are the same answer"),
+    "dpo-chosen-and-rejected-alike-once-tokenized": (
+        "dpo", [*pairs(2), {"prompt": "Say 2.", "chosen": "2", "rejected": "2  "}, *pairs(4)],
+        r"{path}: row 3: 'chosen' and 'rejected' are the same once rendered and tokenized"),
+    "dpo-prompt-alone-exceeds-seq_length": ("dpo", [*pairs(3), {"prompt": "Say it. " * 40, "chosen": "a",
+                                                                "rejected": "b"}],
+                                            r"{path}: row 4: its prompt alone fills seq_length=64, so no token of the "
+                                            r"answer would be trained; raise seq_length"),
+    "dpo-messages-sharing-no-prompt": (
+        "dpo", [{"chosen": turns(("user", "Hi"), ("assistant", "Hello")),
+                 "rejected": turns(("user", "Hey"), ("assistant", "Go away"))}] * 4,
+        r"{path}: row 1: 'chosen' and 'rejected' share no prompt: their first messages differ"),
+    "dpo-text-answers-without-a-prompt": ("dpo", [{"chosen": "yes", "rejected": "no"}] * 4,
+                                          r"{path}: row 1: no prompt: give it in a 'prompt' column"),
+    "dpo-column-of-text-and-messages": (
+        "dpo", [*pairs(2), {"prompt": "Say 2.", "chosen": turns(("assistant", "2")), "rejected": "3"}],
+        r"{path}:3: 'chosen' is a list of messages, and row 1's is text: a column holds one kind in every row"),
+    "dpo-chosen-a-number": ("dpo", [*pairs(2), {"prompt": "Say 2.", "chosen": 2, "rejected": "3"}],
+                            r"{path}:3: 'chosen' is int, expected text or a list of messages"),
+    "kto-label-not-a-boolean": ("kto", labelled(4, label="yes"),
+                                r"{path}: row 1: 'label' is 'yes' \(str\); a kto row's label is true"),
+    "kto-label-a-number": ("kto", labelled(4, label=1), r"{path}: row 1: 'label' is 1 \(int\)"),
+    "kto-rows-without-a-label-column": ("kto", [{"prompt": "Say 1.", "completion": "1"}] * 8,
+                                        r"{path}: stage: kto trains on rows of prompt \+ completion \+ label.*no "
+                                        r"'label'"),
+    "kto-row-missing-its-completion": ("kto", [*labelled(2), {"prompt": "Say 2.", "label": True}],
+                                       r"{path}: row 3: 'completion' is missing"),
+}
+for _id, (_stage, _rows, _culprit) in PREFERENCE.items():
+    add(_id, lambda c, i=_id, st=_stage, r=_rows, cu=_culprit: c.data(
+        write_jsonl(c.tmp / f"{i}.jsonl", r), cu, stage=st, seq_length=64))
+
+add("config-loss-type-unknown", lambda c: Bad(c.run(stage="dpo", loss_type="sigmod"), (
+    r"loss_type: 'sigmod' is not a dpo loss \(did you mean 'sigmoid'\?\); known: sigmoid, hinge")))
+add("config-loss-type-list-item-unknown", lambda c: Bad(c.run(stage="dpo", loss_type=["sigmoid", "stf"]),
+                                                        r"loss_type \(item 2\): 'stf' is not a dpo loss"))
+add("config-loss-weights-not-one-per-loss", lambda c: Bad(c.run(stage="dpo", loss_type=["sigmoid", "sft"],
+                                                                loss_weights=[1.0]),
+                                                          r"loss_weights has 1 weights for 2 losses in loss_type"))
+add("config-loss-type-in-the-sft-stage", lambda c: Bad(c.run(loss_type="sigmoid"),
+                                                       r"loss_type and loss_weights are for the preference stages"))
+add("config-dpo-streaming", lambda c: Bad(c.run(stage="dpo", streaming=True, max_steps=2),
+                                          r"stage: dpo computes the reference .* set streaming: false"))
+add("config-dpo-with-a-prompt-loss-weight", lambda c: Bad(c.run(stage="dpo", prompt_loss_weight=0.1),
+                                                         r"prompt_loss_weight .* stage: dpo scores the answers only"))
+add("config-kto-beta-zero", lambda c: Bad(c.run(stage="kto", beta=0), r"beta"))
+add("preference-test-rows-of-another-shape", lambda c: Bad(c.run(
+    stage="dpo", dataset_name=str(write_jsonl(c.tmp / "pairs.jsonl", pairs())), test_dataset=str(c.good)),
+    r"train\.jsonl: stage: dpo trains on rows of prompt \+ chosen \+ rejected.*no 'chosen'"))
+
+
 # --- commands on a finished run, and the other options -------------------------------------------------------------
 
 COMMAND_CASES = {

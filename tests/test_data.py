@@ -590,6 +590,26 @@ def test_csv_and_tsv_text_is_read_as_written_and_a_byte_order_mark_is_skipped(tm
         assert [{k: r[k] for k in ("prompt", "completion")} for r in source.train] == rows, name
 
 
+def test_a_date_in_a_message_is_read_as_written(tmp_path, make_cfg):
+    rows = [chat(("user", f"Day {i} of March 2024?"), ("assistant", f"2024-03-{i + 1:02d}")) for i in range(6)]
+    (source,) = finetune.load_sources(make_cfg(dataset_name=str(write_jsonl(tmp_path / "d.jsonl", rows)),
+                                               validation_split=0))
+    assert [r["messages"][1]["content"] for r in source.train] == [r["messages"][1]["content"] for r in rows]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_json_text_that_looks_like_a_date_is_read_as_written(tmp_path, make_cfg, suffix):
+    rows = [{"prompt": f"Day {i} of March 2024?", "completion": f"2024-03-{i + 1:02d}"} for i in range(6)]
+    path = tmp_path / f"dates.{suffix}"
+    path.write_text(json.dumps(rows) if suffix == "json" else "".join(json.dumps(r) + "\n" for r in rows))
+    (source,) = finetune.load_sources(make_cfg(dataset_name=str(path), validation_split=0))  # Arrow reads dates
+    assert [{k: r[k] for k in ("prompt", "completion")} for r in source.train] == rows
+    later = [{**r, "completion": r["completion"].replace("2024", "2025")} for r in rows]
+    path.write_text(json.dumps(later) if suffix == "json" else "".join(json.dumps(r) + "\n" for r in later))
+    (source,) = finetune.load_sources(make_cfg(dataset_name=str(path), validation_split=0))  # no stale cache
+    assert source.train[0]["completion"] == "2025-03-01"
+
+
 @pytest.mark.parametrize("empty_examples, kept", [("drop", 1), ("keep", 2)])
 def test_rows_with_nothing_to_learn_are_counted_named_and_dropped_or_kept(tmp_path, make_cfg, tokenizer, capsys,
                                                                           empty_examples, kept):

@@ -24,6 +24,8 @@ HUB_SHAPES = {
                                     tie_word_embeddings=False),
 }
 NEEDS_GPU = {"llama2-7b-qlora-24gb", "fsdp", "deepspeed-zero3"}
+# The SFT runs that preference recipes start from, by their base model: the estimate reads only its config.
+SFT_RUNS = {"output/dates-sft": finetune.EMBEDDED_MODEL}
 
 
 def recipe(path: Path) -> dict:
@@ -58,7 +60,7 @@ def stated_and_estimated(path: Path, hub_configs) -> tuple[list[float], list[flo
     comments = [line for line in path.read_text().splitlines()[1:] if line.startswith("#")]
     stated = [float(x) for x in re.findall(r"(\d+\.\d\d) GiB", " ".join(comments))]
     model = recipe(path)["model_name"]
-    cfg = finetune.load_config(str(path), [f"model_name={hub_configs.get(model, ROOT / model)}"])
+    cfg = finetune.load_config(str(path), [f"model_name={hub_configs.get(model, ROOT / SFT_RUNS.get(model, model))}"])
     model_config = finetune.load_model_config(cfg)
     checkpointing = cfg.gradient_checkpointing is True
     if path.stem in NEEDS_GPU or "device cuda" in " ".join(comments):
