@@ -1,5 +1,5 @@
 """The memory estimate: against the measured peak of whole runs here (two cells of bench/bench_memory.py's matrix:
-both real models, fp32 and bf16), against the figures seed 001 publishes for Llama 2, and as a CLI."""
+both real models, fp32 and bf16, sft and dpo), against the figures seed 001 publishes for Llama 2, and as a CLI."""
 
 import pytest
 
@@ -9,23 +9,26 @@ import finetune
 
 @pytest.fixture(scope="module")
 def memory_data(tmp_path_factory):
-    return bench_memory.write_data(tmp_path_factory.mktemp("memory-data"))
+    folder = tmp_path_factory.mktemp("memory-data")
+    return {stage: bench_memory.write_data(folder, stage) for stage in ("sft", "dpo")}
 
 
-# Two cells of the matrix, both models and both precisions between them: LoRA on the embedded model in fp32; on Gemma
-# (the vocabulary terms) the full fine-tune in bf16, whose trained head is vocabulary-sized. The other fourteen cells
-# (every method x model x precision, checkpointing and QLoRA among them) are bench/bench_memory.py's, in the README.
-RUNS = [("smollm2", "lora", "fp32"), ("gemma3", "full", "bf16")]
+# Two cells of the matrix, both models, both precisions and both kinds of step between them: supervised LoRA on the
+# embedded model in fp32; on Gemma (the vocabulary terms) DPO with LoRA in bf16, two sequences per example. The other
+# cells (every method x model x precision, full fine-tunes, checkpointing and QLoRA among them, and DPO's) are
+# bench/bench_memory.py's, in the README.
+RUNS = [("smollm2", "lora", "fp32", "sft"), ("gemma3", "lora", "bf16", "dpo")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, method, precision", RUNS, ids=["-".join(r) for r in RUNS])
-def test_estimate_is_within_25_percent_of_the_measured_peak_of_the_whole_run(model, method, precision, memory_data,
-                                                                             embedded_model, gemma_model, tmp_path):
+@pytest.mark.parametrize("model, method, precision, stage", RUNS, ids=["-".join(r) for r in RUNS])
+def test_estimate_is_within_25_percent_of_the_measured_peak_of_the_whole_run(model, method, precision, stage,
+                                                                             memory_data, embedded_model, gemma_model,
+                                                                             tmp_path):
     # A whole run, as a user starts it: load, base scoring, two steps (the optimizer's states appear at the first, so
     # only the second holds them and activations at once), an evaluation, fine-tuned scoring, save.
-    values = bench_memory.settings(bench_memory.MODELS[model], precision, method, memory_data, tmp_path / "run",
-                                   batch_size=2, seq_length=128)
+    values = bench_memory.settings(bench_memory.MODELS[model], precision, method, memory_data[stage],
+                                   tmp_path / "run", batch_size=2, seq_length=128, stage=stage)
     found = bench_memory.measure(values, tmp_path)
     estimate, measured = found["estimate"]["whole run"], found["measured"]
     assert 0.75 <= estimate / measured <= 1.25, (f"estimate {estimate / 2**30:.2f} GiB, measured "
