@@ -3392,13 +3392,13 @@ def preference_loss(cfg: Config, logps, counts, ref, labels, kl) -> tuple[Any, A
 def preference_tuner_class():
     """FineTuner for the preference stages: each step's loss from the sequences' log-probabilities (padding-free, the
     LM head fused and run only on the answers' tokens) against the reference's, which are computed once per example
-    before training (reference_logps), so that no second model is held and no reference forward runs per step."""
+    before training (with_reference), so that no second model is held and no reference forward runs per step."""
     import torch
 
     class PreferenceTuner(fine_tuner_class()):
-        def __init__(self, *args, cfg: Config, **kwargs):
+        def __init__(self, *args, cfg: Config, precision: str, **kwargs):
             super().__init__(*args, **kwargs)
-            self.cfg = cfg
+            self.cfg, self.precision = cfg, precision  # the plan's: the reference pass computes as training does
             self.kto = cfg.stage == "kto"
 
         def _get_num_items_in_batch(self, batch_samples, device):
@@ -3436,10 +3436,9 @@ def preference_tuner_class():
             if dataset is None or "ref_logps" in dataset.column_names:
                 return dataset
             started = time.perf_counter()
-            precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
             with reference_of(self.model):
                 found = dataset_logps(self.model, dataset, self.data_collator, self.args.per_device_train_batch_size,
-                                      self.fused_loss, precision)
+                                      self.fused_loss, self.precision)
             seconds = time.perf_counter() - started
             print(f"reference log-probabilities of {len(dataset)} {what} examples: {seconds:.0f} s")
             return dataset.add_column("ref_logps", found.tolist(), new_fingerprint=f"{dataset._fingerprint}-reference")
@@ -3593,7 +3592,7 @@ def make_trainer(cfg: Config, run: Prepared, model, memory: MemoryLog | None = N
         return fine_tuner_class()(data_collator=Collator(run.tokenizer.pad_token_id, plan.padding_free), **common)
     return preference_tuner_class()(
         data_collator=PairCollator(run.tokenizer.pad_token_id, plan.padding_free, cfg.stage == "kto"), cfg=cfg,
-        **common)
+        precision=plan.precision, **common)
 
 
 def run_trainer(trainer, checkpoint: str | None, cfg: Config) -> None:
