@@ -2546,8 +2546,9 @@ def kl_example(own: dict, other: dict) -> dict:
         trained = np.flatnonzero(np.asarray(example["loss_weights"]) == 1)
         return trained[0] if len(trained) else len(example["input_ids"])
 
-    ids = list(own["input_ids"][:split(own)]) + list(other["input_ids"][split(other):])
-    weights = np.concatenate([np.zeros(split(own), np.float32), np.asarray(other["loss_weights"][split(other):])])
+    prompt, answer = split(own), split(other)
+    ids = list(own["input_ids"][:prompt]) + list(other["input_ids"][answer:])
+    weights = np.concatenate([np.zeros(prompt, np.float32), np.asarray(other["loss_weights"][answer:])])
     return {**own, "input_ids": ids, "loss_weights": weights, "length": len(ids)}
 
 
@@ -3110,6 +3111,18 @@ def fused_linear_cross_entropy():
     return FusedLinearCrossEntropy
 
 
+def trained_hidden(model, inputs: dict, keep) -> tuple[Any, Any]:
+    """(the last hidden state at each position whose next token is trained, the dtype the head computes in): the
+    model's own forward (so that DDP, autocast and hooks apply) with no logits; the fused head runs on these."""
+    import torch
+
+    nothing = torch.zeros(0, dtype=torch.long, device=keep.device)
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=nothing)
+    hidden = out.hidden_states[-1][:, :-1][keep]
+    device = hidden.device.type
+    return hidden, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 @functools.cache
 def fine_tuner_class():
     """SFTTrainer with the per-token weighted loss of prompt_loss_weight, computed with the fused LM head where the
@@ -3145,12 +3158,7 @@ def fine_tuner_class():
             keep = weights > 0
             denom = num_items_in_batch if num_items_in_batch is not None else weights.sum().clamp(min=1e-6)
             if self.fused_loss:
-                # The model's own forward (so that DDP, autocast and hooks apply) with no logits; the head runs here.
-                nothing = torch.zeros(0, dtype=torch.long, device=targets.device)
-                out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=nothing)
-                hidden = out.hidden_states[-1][:, :-1][keep]
-                device = hidden.device.type
-                dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+                hidden, dtype = trained_hidden(model, inputs, keep)
                 head = self.accelerator.unwrap_model(model).get_output_embeddings()
                 loss, correct = fused_ce.apply(hidden, head.weight, targets[keep], weights[keep], denom, dtype,
                                                torch.is_grad_enabled())
@@ -3292,11 +3300,7 @@ def sequence_logps(model, batch: dict, fused: bool, head) -> tuple[Any, Any]:
             batch["input_ids"])
         count = batch["input_ids"].shape[0]
     if fused:
-        nothing = torch.zeros(0, dtype=torch.long, device=targets.device)
-        hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=nothing).hidden_states[-1]
-        hidden = hidden[:, :-1][trained]
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        hidden, dtype = trained_hidden(model, inputs, trained)
         logps = fused_token_logps().apply(hidden, head.weight, targets, dtype, torch.is_grad_enabled())
     else:
         logits = model(**inputs, use_cache=False).logits[:, :-1][trained].float()
@@ -3325,6 +3329,7 @@ def dataset_logps(model, dataset, collator: PairCollator, batch_size: int, fused
     """pair_logps of every example of a tokenized preference dataset ([n, 2], on the CPU), without gradients, in
     batches, in the training precision (autocast), the model in eval mode meanwhile."""
     import torch
+    from accelerate.utils import send_to_device
 
     device = next(model.parameters()).device
     found, was_training = [], model.training
@@ -3333,17 +3338,10 @@ def dataset_logps(model, dataset, collator: PairCollator, batch_size: int, fused
         for start in range(0, len(dataset), batch_size):
             part = dataset[start:start + batch_size]
             batch = collator([dict(zip(part, values)) for values in zip(*part.values())])
-            batch = on_device(batch, device)
+            batch = send_to_device(batch, device)
             found.append(pair_logps(model, batch, fused, collator.kto, model.get_output_embeddings())[0].cpu())
     model.train(was_training)
     return torch.cat(found)
-
-
-def on_device(value, device):
-    """A collated batch (tensors, numbers, batches within it) with its tensors moved to `device`."""
-    if isinstance(value, dict):
-        return {k: on_device(v, device) for k, v in value.items()}
-    return value.to(device) if hasattr(value, "to") else value
 
 
 def reference_of(model):
